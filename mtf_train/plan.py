@@ -1,0 +1,336 @@
+"""The plan: everything derived from a recipe before a job is submitted.
+
+Shape and batch arithmetic, parameter counts, memory per GPU, FLOPs and time. Formulas are those of
+bloomz.md section 7: Narayanan et al. 2021 for FLOPs, Korthikanti et al. 2022 for activation memory.
+Pure Python: the CLI's plan path must not import torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mtf_train.recipe.schema import Recipe
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def parse_time_minutes(text: str) -> int | None:
+    """SLURM time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. None if malformed."""
+    days, dash, rest = text.strip().partition("-")
+    if not dash:
+        days, rest = "0", days
+    try:
+        d = int(days)
+        parts = [int(p) for p in rest.split(":")]
+    except ValueError:
+        return None
+    if d < 0 or any(p < 0 for p in parts) or not 1 <= len(parts) <= 3:
+        return None
+    if dash:
+        h, m, s = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts
+    return d * 1440 + h * 60 + m + math.ceil(s / 60)
+
+
+def tokenizer_vocab_size(path: str) -> int | None:
+    """Vocabulary size of a local HF tokenizer folder, read from tokenizer.json without importing transformers."""
+    tj = Path(path) / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    try:
+        data = json.loads(tj.read_text())
+        vocab = data["model"]["vocab"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids.update(t["id"] for t in data.get("added_tokens", []))
+    return max(ids) + 1
+
+
+@dataclass
+class Shape:
+    """Degrees and batch arithmetic: what validation checks and everything else builds on."""
+    world_size: int
+    tp: int
+    pp: int
+    dp: int | None           # None when world_size is not a multiple of tp*pp
+    micro: int
+    global_batch: int
+    grad_accum: int | None
+    vocab_size: int | None
+    padded_vocab: int | None
+    seq_length: int
+    max_positions: int
+    train_iters: int | None
+    train_samples: int | None
+    exit_minutes: int | None
+    time_minutes: int | None
+    device: str              # "gpu" or "cpu"
+    zero_stage: int          # the stage the runtime will really use
+    units: int               # partitioned units (blocks, plus 2 embedding units for type:transformer|embedding)
+
+
+def derive_shape(r: Recipe) -> Shape:
+    world = r.cluster.nodes * r.cluster.gpus_per_node
+    tp, pp = r.parallel.tp, r.parallel.pp
+    dp = r.parallel.dp if r.parallel.dp is not None else (world // (tp * pp) if world % (tp * pp) == 0 else None)
+    micro, gbs = r.batch.micro, r.batch.global_
+    accum = gbs // (micro * dp) if dp and gbs % (micro * dp) == 0 else None
+
+    vocab = r.model.vocab_size or tokenizer_vocab_size(r.data.tokenizer)
+    if r.model.pad_vocab_size_to is not None:
+        padded = r.model.pad_vocab_size_to
+    elif vocab is not None:
+        mult = r.model.make_vocab_size_divisible_by * tp
+        padded = -(-vocab // mult) * mult
+    else:
+        padded = None
+
+    iters, samples = r.training.train_iters, r.training.train_samples
+    if samples is not None:
+        iters = _iters_for_samples(r, samples)
+    elif iters is not None:
+        samples = _samples_for_iters(r, iters)
+
+    time_min = parse_time_minutes(r.cluster.time)
+    exit_min = r.training.exit_duration_in_mins
+    if exit_min is None and time_min is not None:
+        exit_min = max(1, time_min - r.cluster.save_margin_mins)
+
+    zero = r.precision.zero_stage
+    if r.runtime.kind == "mtf_train" and r.precision.dtype == "bf16":
+        zero = 1  # current DeepSpeed: BF16_Optimizer resumes only as ZeRO-1 + fp32 grad accumulation (stack.md)
+
+    method = r.parallel.partition_method
+    units = r.model.num_layers + (2 if method == "type:transformer|embedding" else 0)
+    return Shape(world, tp, pp, dp, micro, gbs, accum, vocab, padded, r.model.seq_length,
+                 r.model.max_position_embeddings or r.model.seq_length, iters, samples, exit_min, time_min,
+                 r.cluster.accelerator, zero, units)
+
+
+def _batch_at(r: Recipe, consumed: int) -> int:
+    """Global batch size after `consumed` samples, following Megatron's linear ramp-up."""
+    ru = r.batch.rampup
+    if ru is None:
+        return r.batch.global_
+    steps = max(1, (r.batch.global_ - ru.start) // ru.increment)
+    per_step = ru.samples / steps
+    return min(r.batch.global_, ru.start + int(consumed / per_step) * ru.increment)
+
+
+def _iters_for_samples(r: Recipe, samples: int) -> int:
+    if r.batch.rampup is None:
+        return -(-samples // r.batch.global_)
+    consumed = iters = 0
+    while consumed < samples:
+        consumed += _batch_at(r, consumed)
+        iters += 1
+    return iters
+
+
+def _samples_for_iters(r: Recipe, iters: int) -> int:
+    if r.batch.rampup is None:
+        return iters * r.batch.global_
+    consumed = 0
+    for _ in range(iters):
+        consumed += _batch_at(r, consumed)
+    return consumed
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    blocks: int
+    embedding: bool
+    final_norm: bool
+    parameters: int          # per GPU of this stage (after tensor parallelism)
+    weights_gb: float
+    gradients_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    total_gb: float
+
+
+@dataclass
+class Plan:
+    recipe: str
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    micro_batch: int
+    global_batch: int
+    gradient_accumulation: int
+    layers_per_stage: list[int]
+    padded_vocab: int
+    seq_length: int
+    tokens_per_step: int
+    train_iters: int
+    train_samples: int
+    parameters: int
+    parameters_per_stage: list[int]
+    precision: str
+    zero_stage: int
+    memory: list[StageMemory]
+    peak_memory_gb: float
+    peak_memory_stage: int
+    model_flops_per_token: float
+    hardware_flops_per_token: float
+    flops_formula: str
+    tflops_per_gpu: float
+    step_seconds: float
+    total_hours: float
+    total_gpu_hours: float
+    exit_duration_in_mins: int | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def stage_layout(num_layers: int, pp: int, method: str) -> list[tuple[int, bool, bool]]:
+    """(blocks, holds embedding, holds final norm + tied head) per pipeline stage.
+
+    Mirrors DeepSpeed's partitioning of the GPTModelPipe layer list: the tied embedding opens the first
+    stage and closes the last one; `type:transformer|embedding` counts both as a unit like a block.
+    """
+    if pp == 1:
+        return [(num_layers, True, True)]
+    if method == "type:transformer|embedding":
+        units = _balanced(num_layers + 2, pp)
+        blocks = [u for u in units]
+        blocks[0] -= 1
+        blocks[-1] -= 1
+    else:
+        blocks = _balanced(num_layers, pp)
+    return [(b, i == 0, i == pp - 1) for i, b in enumerate(blocks)]
+
+
+def _balanced(n: int, parts: int) -> list[int]:
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def build_plan(r: Recipe, shape: Shape) -> Plan:
+    """Estimates for a validated recipe (see mtf_train.recipe.validate)."""
+    m = r.model
+    h, L, a, s, V = m.hidden_size, m.num_layers, m.num_attention_heads, m.seq_length, shape.padded_vocab
+    tp, pp, dp, b = shape.tp, shape.pp, shape.dp, shape.micro
+    block_params = 12 * h * h + 13 * h
+    embed_params = V * h + 2 * h
+    total = embed_params + L * block_params + 2 * h
+
+    notes = []
+    layout = stage_layout(L, pp, r.parallel.partition_method)
+    dtype = r.precision.dtype
+    wbytes = DTYPE_BYTES[dtype]
+    # Gradients: fp32 accumulation for bf16 (BF16_Optimizer), in the weights' dtype otherwise.
+    gbytes = 4 if dtype == "bf16" else wbytes
+    # Optimizer: fp32 master copy (16-bit training only) + Adam's two moments, sharded over dp by ZeRO-1
+    # and by the 2022 BF16_Optimizer alike.
+    obytes = (4 if dtype != "fp32" else 0) + 8
+    sharded = shape.zero_stage >= 1 or dtype == "bf16"
+    act_bytes_scale = wbytes / 2  # the activation formula counts 16-bit tensors
+    recompute = r.training.checkpoint_activations
+
+    per_layer_full = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp)) * act_bytes_scale
+    per_layer_ckpt = 2 * s * b * h * act_bytes_scale
+    memory = []
+    for i, (blocks, has_emb, has_head) in enumerate(layout):
+        params = blocks * (12 * h * h // tp + 7 * h // tp + 6 * h)  # row-parallel biases and norms replicated
+        if has_emb or has_head:
+            params += V * h // tp + 2 * h
+        if has_head:
+            params += 2 * h
+        # 1F1B keeps up to (pp - stage) micro batches in flight on stage `stage`.
+        in_flight = min(pp - i, shape.grad_accum or 1)
+        if recompute:
+            act = in_flight * blocks * per_layer_ckpt + (per_layer_full if blocks else 0)
+        else:
+            act = in_flight * blocks * per_layer_full
+        if has_head:  # fp32 logits and their gradient over the tensor-parallel vocabulary shard
+            act += 8 * b * s * V / tp
+        gb = 1024 ** 3
+        w, g = params * wbytes / gb, params * gbytes / gb
+        o = params * obytes / (dp if sharded else 1) / gb
+        act_gb = act / gb
+        memory.append(StageMemory(i, blocks, has_emb, has_head, params, round(w, 3), round(g, 3), round(o, 3),
+                                  round(act_gb, 3), round(w + g + o + act_gb, 3)))
+    peak = max(memory, key=lambda sm: sm.total_gb)
+
+    factor = 1 + s / (6 * h) + V / (16 * L * h)
+    model_fpt = 72 * L * h * h * factor
+    hw_fpt = (96 if recompute else 72) * L * h * h * factor
+    tokens_per_step = shape.global_batch * s
+    step_s = hw_fpt * tokens_per_step / (shape.world_size * r.cluster.tflops_per_gpu * 1e12)
+    total_s = step_s * shape.train_iters
+    if r.runtime.kind == "mtf_train" and dtype == "bf16" and r.precision.zero_stage == 0:
+        notes.append("precision.zero_stage 0 with bf16 is run as ZeRO-1 with fp32 gradient accumulation: current "
+                     "DeepSpeed cannot resume a ZeRO-0 bf16 pipeline checkpoint; the optimizer (BF16_Optimizer, "
+                     "sharded fp32 states) and the numbers are the same as in 2022")
+    if peak.total_gb > r.cluster.gpu_memory_gb:
+        notes.append(f"estimated peak memory {peak.total_gb:.1f} GB on stage {peak.stage} exceeds "
+                     f"cluster.gpu_memory_gb {r.cluster.gpu_memory_gb:g}")
+    return Plan(
+        recipe=r.name or "", world_size=shape.world_size, tensor_parallel=tp, pipeline_parallel=pp,
+        data_parallel=dp, micro_batch=b, global_batch=shape.global_batch,
+        gradient_accumulation=shape.grad_accum, layers_per_stage=[sm.blocks for sm in memory],
+        padded_vocab=V, seq_length=s, tokens_per_step=tokens_per_step, train_iters=shape.train_iters,
+        train_samples=shape.train_samples, parameters=total, parameters_per_stage=[sm.parameters for sm in memory],
+        precision=dtype, zero_stage=shape.zero_stage, memory=memory, peak_memory_gb=peak.total_gb,
+        peak_memory_stage=peak.stage, model_flops_per_token=model_fpt, hardware_flops_per_token=hw_fpt,
+        flops_formula=f"{96 if recompute else 72}*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h)) per step "
+                      f"(model FLOPs use 72: no recomputation)",
+        tflops_per_gpu=r.cluster.tflops_per_gpu, step_seconds=step_s, total_hours=total_s / 3600,
+        total_gpu_hours=total_s / 3600 * shape.world_size, exit_duration_in_mins=shape.exit_minutes, notes=notes)
+
+
+def format_plan(p: Plan) -> str:
+    def n(x: float) -> str:
+        for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(x) >= div:
+                return f"{x / div:.2f}{unit}"
+        return f"{x:g}"
+
+    lines = [
+        f"plan for {p.recipe}",
+        f"  shape        world {p.world_size} = pp {p.pipeline_parallel} x tp {p.tensor_parallel} x dp {p.data_parallel}",
+        f"  batch        micro {p.micro_batch} x dp {p.data_parallel} x accumulation {p.gradient_accumulation}"
+        f" = global {p.global_batch} samples, {n(p.tokens_per_step)} tokens/step",
+        f"  length       {p.train_iters} steps, {p.train_samples:,} samples",
+        f"  stages       blocks per stage {_compact(p.layers_per_stage)}",
+        f"  parameters   {n(p.parameters)} total; per GPU by stage {_compact([n(x) for x in p.parameters_per_stage])}"
+        f"; vocab padded to {p.padded_vocab}",
+        f"  memory/GPU   peak {p.peak_memory_gb:.1f} GB on stage {p.peak_memory_stage} ({p.precision}, ZeRO-{p.zero_stage})",
+    ]
+    peak = p.memory[p.peak_memory_stage]
+    lines.append(f"               weights {peak.weights_gb:.1f} + grads {peak.gradients_gb:.1f} + optimizer "
+                 f"{peak.optimizer_gb:.1f} + activations {peak.activations_gb:.1f} GB")
+    lines += [
+        f"  FLOPs        {p.flops_formula}",
+        f"               {n(p.model_flops_per_token)} model, {n(p.hardware_flops_per_token)} hardware FLOPs/token",
+        f"  time         {p.step_seconds:.1f} s/step at {p.tflops_per_gpu:g} TFLOP/s per GPU; "
+        f"{p.total_hours:.1f} h, {p.total_gpu_hours:,.0f} GPU-hours",
+    ]
+    if p.exit_duration_in_mins is not None:
+        lines.append(f"  exit         save and exit after {p.exit_duration_in_mins} min per job")
+    lines += [f"  note         {note}" for note in p.notes]
+    return "\n".join(lines)
+
+
+def _compact(values: list) -> str:
+    """[1, 1, 1, 1] -> '1 x4'; mixed lists are shown in runs."""
+    runs: list[list] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return ", ".join(f"{v}" if c == 1 else f"{v} x{c}" for v, c in runs)

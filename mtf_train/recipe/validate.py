@@ -1,0 +1,169 @@
+"""Every rule a recipe must pass before anything is rendered or submitted.
+
+Each rule raises a RecipeError naming the file that set the field, the field and the reason, so that shape
+and batch mistakes surface here instead of inside a job after the queue wait.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from mtf_train.errors import RecipeError
+from mtf_train.plan import Shape, derive_shape
+from mtf_train.recipe.schema import Recipe
+
+PARTITION_METHODS = ("type:transformer|embedding", "type:transformer", "uniform", "parameters")
+# Values written into #SBATCH lines are read by sbatch, not a shell: keep them to characters it takes literally.
+SBATCH_VALUE = re.compile(r"^[A-Za-z0-9._,:=@%+/\[\]|&*!-]+$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def validate(r: Recipe, check_data: bool = False) -> Shape:
+    """Check every rule; return the derived shape."""
+    s = derive_shape(r)
+
+    def fail(dotted: str | list[str], reason: str):
+        """Blame one field; of several conflicting ones, the one set last."""
+        if isinstance(dotted, list):
+            dotted = r.origin.latest(dotted)
+        raise RecipeError(r.origin.of(dotted), reason, field=dotted)
+
+    world_fields = ["cluster.nodes", "cluster.gpus_per_node", "parallel.pp", "parallel.tp"]
+
+    m, par, b = r.model, r.parallel, r.batch
+
+    # Parallel shape.
+    if s.dp is None:
+        fail(world_fields, f"world size {s.world_size} (nodes {r.cluster.nodes} x gpus_per_node "
+                              f"{r.cluster.gpus_per_node}) is not divisible by pp {s.pp} x tp {s.tp}")
+    if s.pp * s.tp * s.dp != s.world_size:
+        fail(["parallel.dp"] + world_fields, f"pp {s.pp} x tp {s.tp} x dp {s.dp} = {s.pp * s.tp * s.dp} but nodes x gpus_per_node "
+                            f"= {s.world_size}")
+    if par.partition_method not in PARTITION_METHODS:
+        fail("parallel.partition_method", f"must be one of {', '.join(PARTITION_METHODS)}; got "
+                                          f"{par.partition_method!r}")
+    if par.partition_method.startswith("type:"):
+        what = "layers + 2 embedding units" if par.partition_method.endswith("embedding") else "layers"
+        if s.units % s.pp:
+            fail(["parallel.pp", "model.num_layers", "parallel.partition_method"], f"{what} = {s.units} cannot be split evenly among pp {s.pp} stages "
+                                f"(partition_method {par.partition_method})")
+    elif s.pp > m.num_layers:
+        fail("parallel.pp", f"pp {s.pp} exceeds num_layers {m.num_layers}")
+
+    # Batch arithmetic.
+    if b.global_ % (b.micro * s.dp):
+        fail(["batch.global", "batch.micro"] + world_fields, f"{b.global_} is not divisible by micro {b.micro} x dp {s.dp} = {b.micro * s.dp}")
+    if b.rampup is not None:
+        unit = b.micro * s.dp
+        for name in ("start", "increment"):
+            v = getattr(b.rampup, name)
+            if v % unit:
+                fail(f"batch.rampup.{name}", f"{v} is not divisible by micro x dp = {unit}")
+        if b.rampup.start > b.global_:
+            fail("batch.rampup.start", f"{b.rampup.start} exceeds batch.global {b.global_}")
+        if (b.global_ - b.rampup.start) % b.rampup.increment:
+            fail("batch.rampup.increment", f"global - start = {b.global_ - b.rampup.start} is not a multiple "
+                                           f"of {b.rampup.increment}")
+
+    # Model geometry.
+    if m.hidden_size % m.num_attention_heads:
+        fail(["model.hidden_size", "model.num_attention_heads"], f"{m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}")
+    if m.num_attention_heads % s.tp:
+        fail(["model.num_attention_heads", "parallel.tp"], f"{m.num_attention_heads} heads are not divisible by tp {s.tp}")
+    if s.padded_vocab is None:
+        fail("model.vocab_size", f"unknown: tokenizer {r.data.tokenizer!r} is not a local folder with "
+                                 "tokenizer.json; set model.vocab_size or model.pad_vocab_size_to")
+    if s.vocab_size is not None and s.padded_vocab < s.vocab_size:
+        fail("model.pad_vocab_size_to", f"{s.padded_vocab} is smaller than the vocabulary ({s.vocab_size})")
+    if s.padded_vocab % s.tp:
+        fail("model.pad_vocab_size_to", f"padded vocabulary {s.padded_vocab} is not divisible by tp {s.tp}")
+    if m.seq_length > s.max_positions:
+        fail("model.seq_length", f"{m.seq_length} exceeds max_position_embeddings {s.max_positions}")
+    if m.position_embedding_type != "alibi" and r.runtime.kind == "mtf_train":
+        fail("model.position_embedding_type", "packed MTF rows need alibi: absolute positions are not reset "
+                                              "per packed example")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if getattr(m, name) >= 1:
+            fail(f"model.{name}", f"must be < 1, got {getattr(m, name)}")
+
+    # Fused softmax kernel limits (Megatron's scaled masked softmax), only when they are required.
+    if r.training.fused_kernels:
+        sl, heads = m.seq_length, m.num_attention_heads
+        if not 16 < sl <= 4096 or sl % 4:
+            fail("model.seq_length", f"{sl} breaks the fused softmax limits (16 < seq <= 4096, seq % 4 == 0); "
+                                     "set training.fused_kernels: false to allow it")
+        if (b.micro * heads // s.tp) % 4:
+            fail("batch.micro", f"micro {b.micro} x heads {heads} / tp {s.tp} must be a multiple of 4 for the "
+                                "fused softmax; set training.fused_kernels: false to allow it")
+
+    # Precision, ZeRO and runtime.
+    p = r.precision
+    if p.dtype == "fp16" and r.cluster.accelerator == "cpu":
+        fail("precision.dtype", "fp16 needs GPUs (no loss-scaled fp16 on CPU); use bf16 or fp32")
+    if r.runtime.kind == "megatron_deepspeed":
+        if p.dtype == "bf16" and p.zero_stage != 0:
+            fail("precision.zero_stage", "the Megatron-DeepSpeed runtime runs bf16 with its own stage-1-like "
+                                         "BF16_Optimizer and needs zero_stage 0")
+        if r.runtime.megatron_deepspeed_dir is None:
+            fail("runtime.megatron_deepspeed_dir", "required with runtime.kind megatron_deepspeed")
+        if r.cluster.accelerator == "cpu":
+            fail("cluster.accelerator", "the Megatron-DeepSpeed runtime needs GPUs (fused CUDA kernels)")
+    if s.pp > 1 and p.zero_stage > 1:
+        fail("precision.zero_stage", "pipeline parallelism supports ZeRO 0 and 1 only")
+
+    # Length and time.
+    t = r.training
+    if (t.train_samples is None) == (t.train_iters is None):
+        fail("training.train_samples", "give exactly one of training.train_samples and training.train_iters")
+    if t.train_samples is not None and b.rampup is None and t.train_samples % b.global_:
+        fail("training.train_samples", f"{t.train_samples} is not a whole number of steps of {b.global_} samples "
+                                       f"({t.train_samples / b.global_:.2f}); use "
+                                       f"{s.train_iters * b.global_}")
+    if s.time_minutes is None:
+        fail("cluster.time", f"{r.cluster.time!r} is not a SLURM time ([D-]HH:MM:SS, MM:SS or MM)")
+    if t.exit_duration_in_mins is not None and t.exit_duration_in_mins > s.time_minutes - r.cluster.save_margin_mins:
+        fail("training.exit_duration_in_mins", f"{t.exit_duration_in_mins} min leaves less than save_margin_mins "
+                                               f"{r.cluster.save_margin_mins} before the {s.time_minutes} min limit")
+    if r.cluster.signal_margin_s >= s.time_minutes * 60:
+        fail("cluster.signal_margin_s", f"{r.cluster.signal_margin_s} s is not shorter than the time limit")
+
+    # What reaches the job script: #SBATCH values, variable names. Other strings are shell-quoted.
+    c = r.cluster
+    if not SBATCH_VALUE.match(r.name or ""):
+        fail("name", f"{r.name!r} is not a valid job name (no spaces or quotes)")
+    for name in ("partition", "account", "qos", "constraint", "hint"):
+        v = getattr(c, name)
+        if v is not None and not SBATCH_VALUE.match(v):
+            fail(f"cluster.{name}", f"{v!r} holds characters sbatch would misread (spaces, quotes, ...)")
+    for i, node in enumerate(c.exclude):
+        if not SBATCH_VALUE.match(node):
+            fail("cluster.exclude", f"item {i} {node!r} is not a node name or list")
+    for i, line in enumerate(c.extra_sbatch):
+        if "\n" in line or "\r" in line or not line.startswith("-"):
+            fail("cluster.extra_sbatch", f"item {i} must be one sbatch option starting with '-', got {line!r}")
+    for key in r.environment.env:
+        if not ENV_NAME.match(key):
+            fail(f"environment.env.{key}", "is not a valid environment variable name")
+
+    # Data.
+    d = r.data
+    if d.train_path is None and d.train_groups is None:
+        fail("data.train_path", "set data.train_path (a weighted split-paths file) or data.train_groups")
+    if d.train_path is not None and d.train_groups is not None:
+        fail("data.train_groups", "give data.train_path or data.train_groups, not both")
+    if d.valid_path is not None and d.valid_groups is not None:
+        fail("data.valid_groups", "give data.valid_path or data.valid_groups, not both")
+    for name in ("train_path", "valid_path"):
+        path = getattr(d, name)
+        if path is not None and not os.path.isfile(path):
+            fail(f"data.{name}", f"file not found: {path}")
+    from mtf_train.recipe.load import path_groups  # parses the files: grammar errors say where
+    groups = path_groups(r)
+    if check_data:
+        from mtf_train.data.pathfile import missing_files
+        for kind, gs in zip(("train", "valid"), groups):
+            missing = missing_files(gs)
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                fail(f"data.{kind}_path", f"dataset file missing: {missing[0]}{more}")
+    return s

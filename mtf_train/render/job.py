@@ -1,0 +1,125 @@
+"""Render a validated recipe into the files a job needs: sbatch script, DeepSpeed config, path files, plan."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+import mtf_train
+from mtf_train.data.pathfile import format_groups
+from mtf_train.errors import UserError
+from mtf_train.plan import Plan, Shape, format_plan
+from mtf_train.recipe.load import dump_recipe, path_groups
+from mtf_train.recipe.schema import Recipe
+from mtf_train.render.ds_config import ds_config
+from mtf_train.render.trainer_args import trainer_args
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
+MAX_FAILURES = 3
+
+
+@dataclass
+class Rendered:
+    run_dir: Path
+    job_script: Path
+    files: list[Path]
+
+
+def write_atomic(path: Path, text: str, mode: int | None = None) -> Path:
+    """Write under a temporary name and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    if mode is not None:
+        tmp.chmod(mode)
+    os.replace(tmp, path)
+    return path
+
+
+def _arg_lines(args: list[str]) -> list[str]:
+    """Quoted arguments, one flag and its values per line, for a readable script."""
+    lines: list[list[str]] = []
+    for a in args:
+        if a.startswith("--") or not lines:
+            lines.append([])
+        lines[-1].append(shlex.quote(a))
+    return [" ".join(x) for x in lines]
+
+
+def _template_env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["q"] = lambda v: shlex.quote(str(v))
+    return env
+
+
+def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
+               write_to: str | os.PathLike | None = None) -> Rendered:
+    """Render into `write_to` (default `run_dir`) files whose paths point into `run_dir`."""
+    run_dir = Path(run_dir).resolve()
+    if any(c.isspace() for c in str(run_dir)):
+        raise UserError(str(run_dir), "the run folder's path must not contain whitespace (SLURM's --output)")
+    out = Path(write_to).resolve() if write_to is not None else run_dir
+    files: list[Path] = []
+
+    def put(rel: str, text: str, mode: int | None = None) -> Path:
+        files.append(write_atomic(out / rel, text, mode))
+        return run_dir / rel
+
+    # Path files, rebased onto data.root so that the job reads absolute prefixes.
+    train_groups, valid_groups = path_groups(r)
+    train_name = Path(r.data.train_path).name if r.data.train_path else "train_groups.txt"
+    train_file = put(f"data_paths/{train_name}", format_groups(train_groups))
+    valid_file = None
+    if valid_groups:
+        valid_name = Path(r.data.valid_path).name if r.data.valid_path else "valid_groups.txt"
+        valid_file = put(f"data_paths/{valid_name}", format_groups(valid_groups))
+
+    save = Path(r.checkpoint.save)
+    save = save if save.is_absolute() else run_dir / save
+    ds_path = put("ds_config.json", json.dumps(ds_config(r, shape), indent=2) + "\n")
+    ta = trainer_args(r, shape, save=str(save),
+                      tensorboard_dir=str(run_dir / "tensorboard") if r.logging.tensorboard else None,
+                      ds_config=str(ds_path), train_path=str(train_file),
+                      valid_path=str(valid_file) if valid_file else None, kill_switch="$KILL_SWITCH_PATH")
+
+    if r.runtime.kind == "mtf_train":
+        program = ["-m", "mtf_train.train"]
+    else:
+        program = [str(Path(r.runtime.megatron_deepspeed_dir) / r.runtime.entrypoint)]
+    c = r.cluster
+    sbatch_options = [f"--{name}={getattr(c, name)}" for name in ("partition", "account", "qos", "constraint")
+                      if getattr(c, name)]
+    if c.exclusive:
+        sbatch_options.append("--exclusive")
+    if c.exclude:
+        sbatch_options.append("--exclude=" + ",".join(c.exclude))
+    srun_options = []
+    ct = r.environment.container
+    if ct.image:
+        srun_options.append(f"--container-image={ct.image}")
+        if ct.mounts:
+            srun_options.append("--container-mounts=" + ",".join(ct.mounts))
+        if ct.workdir:
+            srun_options.append(f"--container-workdir={ct.workdir}")
+
+    # The kill-switch path is a variable of the job script: expanded there, not quoted as a literal.
+    lines = [ln.replace("'$KILL_SWITCH_PATH'", '"$KILL_SWITCH_PATH"') for ln in _arg_lines(ta.common)]
+
+    script = _template_env().get_template("job.sbatch.j2").render(
+        version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, nodes=c.nodes,
+        cpus_per_task=c.cpus_per_task, hint=c.hint, gres=c.accelerator == "gpu", gpus_per_node=c.gpus_per_node,
+        time=c.time, run_dir=str(run_dir), signal_margin=c.signal_margin_s, sbatch_options=sbatch_options,
+        extra_sbatch=c.extra_sbatch, setup=r.environment.setup, env=sorted(r.environment.env.items()),
+        max_failures=MAX_FAILURES, save=str(save), first_run=ta.first_run, first_load=ta.first_load or str(save),
+        master_port=c.master_port, python=r.runtime.python, program=program, common_lines=lines,
+        srun_options=srun_options, train_iters=shape.train_iters)
+    job = put("job.sbatch", script, mode=0o755)
+    put("recipe.resolved.yaml", dump_recipe(r))
+    put("plan.txt", format_plan(plan) + "\n")
+    put("plan.json", plan.to_json() + "\n")
+    return Rendered(run_dir, job, files)
