@@ -63,7 +63,8 @@ def cmd_submit(args) -> int:
     from mtf_train.launch.submit import submit
 
     recipe, shape, plan = _load(args, check_data=args.check_data)
-    return submit(recipe, shape, plan, executor=args.executor, dry_run=args.dry_run, runs_dir=args.runs_dir)
+    return submit(recipe, shape, plan, executor=args.executor, dry_run=args.dry_run, runs_dir=args.runs_dir,
+                  chain=getattr(args, "chain", None))
 
 
 def cmd_schema(args) -> int:
@@ -84,8 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="render the run folder only; submit nothing")
     p.add_argument("--executor", choices=["slurm", "submitit", "local"], help="override the recipe's executor")
     p.add_argument("--runs-dir", help="root of run folders (default $MTF_RUNS_DIR or ./runs)")
+    p.add_argument("--chain", type=int, metavar="N", help="submit N jobs, each starting when the one before ends "
+                   "(slurm: afterany); each resumes from the latest checkpoint (submitit: up to N-1 requeues)")
     p.add_argument("--check-data", action="store_true", help="also check that every dataset file exists")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("run", help="train on this machine (executor local): `mtf-train RECIPE --executor local`")
+    _recipe_args(p)
+    p.add_argument("--runs-dir", help="root of run folders (default $MTF_RUNS_DIR or ./runs)")
+    p.add_argument("--check-data", action="store_true", help="also check that every dataset file exists")
+    p.set_defaults(func=cmd_submit, executor="local", dry_run=False)
 
     p = sub.add_parser("plan", help="print the plan: shape, batch, memory, FLOPs, time")
     _recipe_args(p)
@@ -107,11 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the recipe reference (every field, type, default) as Markdown")
     p.set_defaults(func=cmd_schema)
 
-    try:  # TEMP until data cli lands
-        from mtf_train.data.cli import register as register_data
-        register_data(sub)
-    except ModuleNotFoundError:
-        pass
+    from mtf_train.data.cli import register as register_data
+    register_data(sub)
+    from mtf_train.launch.cli import register as register_launch
+    register_launch(sub)
     return parser
 
 

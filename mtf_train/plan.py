@@ -70,7 +70,7 @@ class Shape:
     max_positions: int
     train_iters: int | None
     train_samples: int | None
-    exit_minutes: int | None
+    exit_minutes: float | None
     time_minutes: int | None
     device: str              # "gpu" or "cpu"
     zero_stage: int          # the stage the runtime will really use
@@ -188,11 +188,18 @@ class Plan:
     step_seconds: float
     total_hours: float
     total_gpu_hours: float
-    exit_duration_in_mins: int | None
+    exit_duration_in_mins: float | None
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int, recompute: bool) -> float:
+    """Training FLOPs per token (Narayanan et al. 2021): 72 (96 with full recomputation) * l * h^2 *
+    (1 + s/(6h) + V/(16*l*h)); the per-step formula divided by the B*s tokens of a step."""
+    factor = 1 + seq / (6 * hidden) + vocab / (16 * num_layers * hidden)
+    return (96 if recompute else 72) * num_layers * hidden * hidden * factor
 
 
 def stage_layout(num_layers: int, pp: int, method: str) -> list[tuple[int, bool, bool]]:
@@ -265,9 +272,8 @@ def build_plan(r: Recipe, shape: Shape) -> Plan:
                                   round(act_gb, 3), round(w + g + o + act_gb, 3)))
     peak = max(memory, key=lambda sm: sm.total_gb)
 
-    factor = 1 + s / (6 * h) + V / (16 * L * h)
-    model_fpt = 72 * L * h * h * factor
-    hw_fpt = (96 if recompute else 72) * L * h * h * factor
+    model_fpt = flops_per_token(L, h, s, V, recompute=False)
+    hw_fpt = flops_per_token(L, h, s, V, recompute=recompute)
     tokens_per_step = shape.global_batch * s
     step_s = hw_fpt * tokens_per_step / (shape.world_size * r.cluster.tflops_per_gpu * 1e12)
     total_s = step_s * shape.train_iters
@@ -320,7 +326,7 @@ def format_plan(p: Plan) -> str:
         f"{p.total_hours:.1f} h, {p.total_gpu_hours:,.0f} GPU-hours",
     ]
     if p.exit_duration_in_mins is not None:
-        lines.append(f"  exit         save and exit after {p.exit_duration_in_mins} min per job")
+        lines.append(f"  exit         save and exit after {p.exit_duration_in_mins:g} min per job")
     lines += [f"  note         {note}" for note in p.notes]
     return "\n".join(lines)
 

@@ -173,6 +173,43 @@ def test_render_176b_builtin_runtime_follows_current_deepspeed(tmp_path):
     assert validate(again).dp == 4
 
 
+@pytest.mark.parametrize("recipe", ["bloomz-560m", "bloomz-1b7", "bloomz-176b", "tiny-local"])
+@pytest.mark.parametrize("first_run", [True, False])
+def test_rendered_arguments_parse_in_the_builtin_trainer(tmp_path, recipe, first_run):
+    from mtf_train.train.args import parse_args
+
+    out = tmp_path / "job"
+    mtf("render", str(RECIPES / f"{recipe}.yaml"), "-o", str(out), check=True)
+    argv = program_args((out / "job.sbatch").read_text(), first_run=first_run)
+    assert argv[:2] == ["-m", "mtf_train.train"]
+    args = parse_args(argv[2:])
+    r = load_recipe(RECIPES / f"{recipe}.yaml")
+    assert args.num_layers == r.model.num_layers and args.global_batch_size == r.batch.global_
+    assert args.lr == r.optimizer.lr and args.adam_eps == r.optimizer.eps
+    if first_run and r.checkpoint.first_interval:
+        assert args.save_interval == r.checkpoint.first_interval  # the first job saves early
+    else:
+        assert args.save_interval == r.checkpoint.interval
+
+
+def test_trainer_refuses_unknown_and_contradictory_arguments():
+    from mtf_train.errors import UserError
+    from mtf_train.train.args import parse_args
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", "--tokenizer-name-or-path", "t",
+            "--train-weighted-split-paths-path", "p.txt"]
+    with pytest.raises(UserError, match="unrecognized arguments: --bogus"):
+        parse_args(base + ["--train-iters", "2", "--bogus"])
+    with pytest.raises(UserError, match="exactly one of --train-samples and --train-iters"):
+        parse_args(base + ["--train-iters", "2", "--train-samples", "4"])
+    with pytest.raises(UserError, match="--fp16 and --bf16 are exclusive"):
+        parse_args(base + ["--train-iters", "2", "--fp16", "--bf16"])
+    with pytest.raises(UserError, match="--tensor-model-parallel-size 3"):
+        parse_args(base + ["--train-iters", "2", "--tensor-model-parallel-size", "3"])
+    assert parse_args(base + ["--train-iters", "2"]).max_position_embeddings == 32
+
+
 def test_small_model_fp16_deepspeed_block(tmp_path):
     out = tmp_path / "job"
     mtf("render", str(RECIPES / "bloomz-560m.yaml"), "-o", str(out), check=True)

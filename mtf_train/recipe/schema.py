@@ -101,8 +101,8 @@ class Training:
     checkpoint_activations: bool = f(True, "Recompute activations in the backward pass (`--checkpoint-activations`).")
     fused_kernels: bool = f(False, "Require the fused softmax kernels' limits and abort when unmet "
                             "(`--abort-on-unmet-fused-kernel-constraints`).")
-    exit_duration_in_mins: Optional[int] = f(None, "Save and exit after this many minutes; derived from "
-                                             "cluster.time minus cluster.save_margin_mins when unset.", min=1)
+    exit_duration_in_mins: Optional[float] = f(None, "Save and exit after this many minutes; derived from "
+                                             "cluster.time minus cluster.save_margin_mins when unset.", gt=0)
     exit_interval: Optional[int] = f(None, "Save and exit at a step divisible by this (`--exit-interval`).", min=1)
 
 
@@ -185,7 +185,8 @@ class Runtime:
                                                          "or an external Megatron-DeepSpeed checkout.")
     megatron_deepspeed_dir: Optional[str] = f(None, "Megatron-DeepSpeed checkout (runtime megatron_deepspeed).")
     entrypoint: str = f("finetune_t0.py", "Script in the checkout that is launched (runtime megatron_deepspeed).")
-    python: str = f("python", "Python interpreter on the nodes.")
+    python: Optional[str] = f(None, "Python interpreter on the nodes; unset = the one running mtf-train (a shared "
+                              "virtualenv), `python` = whatever the environment setup puts on PATH.")
     distributed_backend: Optional[Literal["nccl", "gloo"]] = f(None, "torch.distributed backend; nccl on GPUs, "
                                                                 "gloo when unset and executor local without GPUs.")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def _arg_lines(args: list[str]) -> list[str]:
 
 
 def _template_env() -> jinja2.Environment:
+    # Bash's `${#array[@]}` would open a Jinja comment: templates use `{#-- ... --#}` for comments instead.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
+                             keep_trailing_newline=True, autoescape=False,
+                             comment_start_string="{#--", comment_end_string="--#}")
     env.filters["q"] = lambda v: shlex.quote(str(v))
     return env
 
@@ -116,7 +119,7 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
         time=c.time, run_dir=str(run_dir), signal_margin=c.signal_margin_s, sbatch_options=sbatch_options,
         extra_sbatch=c.extra_sbatch, setup=r.environment.setup, env=sorted(r.environment.env.items()),
         max_failures=MAX_FAILURES, save=str(save), first_run=ta.first_run, first_load=ta.first_load or str(save),
-        master_port=c.master_port, python=r.runtime.python, program=program, common_lines=lines,
+        master_port=c.master_port, python=r.runtime.python or sys.executable, program=program, common_lines=lines,
         srun_options=srun_options, train_iters=shape.train_iters)
     job = put("job.sbatch", script, mode=0o755)
     put("recipe.resolved.yaml", dump_recipe(r))

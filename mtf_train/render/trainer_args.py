@@ -81,7 +81,7 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
     if t.norm_target_loss:
         a.append("--norm-target-loss")
     if s.exit_minutes is not None:
-        a += ["--exit-duration-in-mins", str(s.exit_minutes)]
+        a += ["--exit-duration-in-mins", f"{s.exit_minutes:g}"]
     if t.exit_interval is not None:
         a += ["--exit-interval", str(t.exit_interval)]
     a += ["--log-interval", str(r.logging.log_interval), "--save-interval", str(c.interval),

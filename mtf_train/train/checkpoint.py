@@ -1,0 +1,112 @@
+"""Checkpoints in the bigscience layout, written through DeepSpeed's pipeline engine.
+
+    <save>/latest                                   "global_stepN", written last and atomically
+    <save>/global_stepN/layer_XX-model_YY-model_states.pt
+    <save>/global_stepN/mp_rank_MM_model_states.pt  client state: iteration, consumed samples, RNG, args
+    <save>/global_stepN/[bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt
+
+`latest` moves only after every rank has finished writing, so an interrupted save leaves the previous
+checkpoint in charge.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mtf_train.errors import UserError
+
+
+class CheckpointError(UserError):
+    exit_code = 1
+
+
+@dataclass
+class Progress:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: dict[str, int] = field(default_factory=dict)
+
+
+def rng_state() -> dict:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megatron.core import tensor_parallel
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        if tracker.is_initialized():
+            state["tracker"] = tracker.get_states()
+    except Exception:  # no tracker in this process: nothing to restore later either
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "tracker" in state:
+        from megatron.core import tensor_parallel
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def read_latest(folder: str | os.PathLike, universal: bool = False) -> str | None:
+    path = Path(folder) / ("latest_universal" if universal else "latest")
+    try:
+        tag = path.read_text().strip()
+    except OSError:
+        return None
+    return tag or None
+
+
+def write_latest(folder: str | os.PathLike, tag: str) -> None:
+    path = Path(folder) / "latest"
+    tmp = path.with_name(f".latest.tmp{os.getpid()}")
+    tmp.write_text(tag)
+    os.replace(tmp, path)
+
+
+def save(engine, folder: str, progress: Progress, args, extra: dict) -> str:
+    tag = f"global_step{progress.iteration}"
+    client = {"iteration": progress.iteration, "consumed_train_samples": progress.consumed_train_samples,
+              "consumed_valid_samples": dict(progress.consumed_valid_samples), "rng_state": rng_state(),
+              "args": vars(args), **extra}
+    engine.save_checkpoint(folder, tag=tag, client_state=client, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        write_latest(folder, tag)
+    dist.barrier()
+    return tag
+
+
+def load(engine, args, *, universal: bool, load_optimizer: bool, restore_rng: bool) -> tuple[Progress, str] | None:
+    """Load the checkpoint `args.load` points to; None when there is none (a fresh start)."""
+    folder = args.load
+    if folder is None:
+        return None
+    tag = read_latest(folder, universal=universal)
+    if tag is None:
+        if universal:
+            raise CheckpointError(folder, "--universal-checkpoint: no latest_universal file (convert with "
+                                  "`mtf-train ckpt to-universal`)")
+        return None
+    if not (Path(folder) / tag).is_dir():
+        raise CheckpointError(folder, f"latest{'_universal' if universal else ''} names {tag}, which does not exist")
+    path, client = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=load_optimizer,
+                                          load_lr_scheduler_states=False, load_module_only=not load_optimizer)
+    if path is None:
+        raise CheckpointError(folder, f"DeepSpeed could not load {tag}")
+    client = client or {}
+    progress = Progress(client.get("iteration", 0), client.get("consumed_train_samples", 0),
+                        dict(client.get("consumed_valid_samples", {})))
+    if restore_rng and "rng_state" in client:
+        set_rng_state(client["rng_state"])
+    return progress, str(Path(folder) / tag)

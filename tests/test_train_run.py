@@ -1,0 +1,184 @@
+"""The built-in trainer end to end: `mtf-train run` on the shipped sample, on CPU (gloo), real DeepSpeed.
+
+Resume must be exact (bitwise in fp32), and every exit path saves a checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import RECIPES, mtf
+
+TINY = str(RECIPES / "tiny-local.yaml")
+QUICK = ["eval.iters=0", "logging.log_interval=1", "checkpoint.interval=1000"]
+
+
+def sets(*items: str) -> list[str]:
+    out = []
+    for item in items:
+        out += ["--set", item]
+    return out
+
+
+def only_run(runs: Path) -> Path:
+    (run,) = [p for p in (runs / "tiny-local").iterdir() if not p.name.startswith(".")]
+    return run
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iteration"], r["loss"]) for r in recs if r["kind"] == "train"]
+
+
+def latest(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def test_local_default_trains_and_reports_where_things_are(tmp_path):
+    """README command one: `mtf-train recipes/tiny-local.yaml` (executor local)."""
+    proc = mtf(TINY, "--runs-dir", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = only_run(tmp_path)
+    curve = losses(run)
+    assert curve[-1][0] == 120
+    first, last = curve[0][1], curve[-1][1]
+    assert last < first - 2.0, curve            # the loss clearly falls (about 7.2 -> 2.4)
+    assert latest(run) == "global_step120"
+    files = {p.name for p in (run / "checkpoints" / "global_step120").iterdir()}
+    assert {"layer_01-model_00-model_states.pt", "layer_03-model_00-model_states.pt",
+            "layer_06-model_00-model_states.pt", "mp_rank_00_model_states.pt"} <= files
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert (run / "finished").exists()
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["iteration"] for e in evals] == [40, 80, 120] and evals[0]["group"] == "validation"
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    for what in (f"checkpoint: {run / 'checkpoints'}", f"loss curve: {run / 'loss_curve.png'}"):
+        assert what in proc.stdout
+    info = json.loads((run / "run.json").read_text())
+    assert info["state"] == "completed" and info["executor"] == "local"
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    """Stop after step 3 (exit interval) and resume: the same losses as an uninterrupted run, bit for bit."""
+    straight = tmp_path / "straight"
+    mtf("run", TINY, "--runs-dir", str(straight), *sets(*QUICK, "training.train_iters=6"), check=True, timeout=300)
+    stopped = tmp_path / "stopped"
+    mtf("run", TINY, "--runs-dir", str(stopped), *sets(*QUICK, "training.train_iters=6", "training.exit_interval=3"),
+        check=True, timeout=300)
+    run = only_run(stopped)
+    assert latest(run) == "global_step3" and not (run / "finished").exists()
+    assert "saved and exited at step 3 of 6" in (run / "events.log").read_text()
+    # The next job of a chain: the same script, which now resumes from the run's own checkpoint.
+    proc = subprocess.run(["bash", str(run / "job.sbatch")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "loaded" in proc.stdout and "global_step3" in proc.stdout
+    assert latest(run) == "global_step6" and (run / "finished").exists()
+    assert losses(run) == losses(only_run(straight))  # exact float equality, data order included
+
+
+def start_job(tmp_path, *extra: str) -> tuple[Path, subprocess.Popen]:
+    """Render a long local run and start its job script (the batch shell) in the background."""
+    runs = tmp_path / "runs"
+    mtf(TINY, "--dry-run", "--runs-dir", str(runs), *sets(*QUICK, "training.train_iters=100000", *extra),
+        check=True)
+    run = only_run(runs)
+    proc = subprocess.Popen(["bash", str(run / "job.sbatch")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    return run, proc
+
+
+def wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and any(i >= step for i, _ in losses(run)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended early: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("timed out waiting for training steps")
+
+
+def finish(run: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-3000:]
+    step = int(latest(run).removeprefix("global_step"))
+    assert 2 <= step < 100000 and (run / "checkpoints" / f"global_step{step}").is_dir()
+    assert losses(run)[-1][0] == step  # it saved where it stopped
+    assert not (run / "finished").exists()
+    return out
+
+
+def trainer_pids(batch_shell: int) -> list[int]:
+    """The training processes: children of torch.distributed.run, itself under the batch shell."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()]
+    children: dict[int, list[tuple[int, str]]] = {}
+    for pid, ppid, args in rows:
+        children.setdefault(int(ppid), []).append((int(pid), args))
+    found, todo = [], [batch_shell]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            todo.append(pid)
+            if "mtf_train.train" in args and "torch.distributed.run" not in args:
+                found.append(pid)
+    return found
+
+
+@pytest.mark.parametrize("how", ["kill-switch", "usr1-to-batch-shell", "sigterm-to-trainer"])
+def test_exit_paths_save_and_exit_zero(tmp_path, how):
+    run, proc = start_job(tmp_path)
+    wait_for_step(run, proc, 2)
+    if how == "kill-switch":
+        (run / "kill-switch").touch()
+        reason = "kill switch"
+    elif how == "usr1-to-batch-shell":
+        os.kill(proc.pid, signal.SIGUSR1)   # what SLURM's --signal=B:USR1@margin does
+        reason = "kill switch"
+    else:
+        pids = trainer_pids(proc.pid)
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)     # what scancel sends to every task
+        reason = "signal SIGTERM"
+    out = finish(run, proc)
+    assert f"({reason}) after saving" in out
+    if how == "usr1-to-batch-shell":
+        assert "signal USR1: save and exit" in (run / "events.log").read_text()
+
+
+def test_exit_duration_saves_and_exits_zero(tmp_path):
+    run, proc = start_job(tmp_path, "training.exit_duration_in_mins=0.25")
+    out = finish(run, proc, timeout=180)
+    assert "(exit duration) after saving" in out
+
+
+def test_interrupted_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path):
+    """A real fault: the save of step 4 cannot write one of its files. `latest` must stay at step 2."""
+    runs = tmp_path / "runs"
+    mtf("run", TINY, "--runs-dir", str(runs), check=True, timeout=300,
+        *sets(*QUICK, "training.train_iters=4", "checkpoint.interval=2", "training.exit_interval=2"))
+    run = only_run(runs)
+    assert latest(run) == "global_step2"
+    blocker = run / "checkpoints" / "global_step4" / "layer_03-model_00-model_states.pt"
+    blocker.mkdir(parents=True)  # a folder where DeepSpeed wants to write a file
+    # The next job of the run trains on to step 4 and fails while saving it.
+    proc = subprocess.run(["bash", str(run / "job.sbatch")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert latest(run) == "global_step2"
+    assert "failed: exit" in (run / "events.log").read_text()
+    blocker.rmdir()
+    proc = subprocess.run(["bash", str(run / "job.sbatch")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "global_step2" in proc.stdout and latest(run) == "global_step4"
+    assert (run / "finished").exists()
