@@ -182,3 +182,19 @@ def test_interrupted_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "global_step2" in proc.stdout and latest(run) == "global_step4"
     assert (run / "finished").exists()
+
+
+def test_bf16_on_cpu_trains_and_resumes(tmp_path):
+    """bf16 runs as DeepSpeed's BF16_Optimizer (ZeRO-1, fp32 gradient accumulation) and resumes from its save."""
+    runs = tmp_path / "runs"
+    mtf("run", TINY, "--runs-dir", str(runs), check=True, timeout=300,
+        *sets(*QUICK, "precision.dtype=bf16", "training.train_iters=4", "training.exit_interval=2"))
+    run = only_run(runs)
+    assert json.loads((run / "ds_config.json").read_text())["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert latest(run) == "global_step2"
+    assert any(p.name.startswith("bf16_zero_pp_rank_0") for p in (run / "checkpoints/global_step2").iterdir())
+    proc = subprocess.run(["bash", str(run / "job.sbatch")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = losses(run)
+    assert [i for i, _ in got] == [1, 2, 3, 4] and all(0 < x < 20 for _, x in got)
+    assert latest(run) == "global_step4"
