@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
+from tests.slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.timeout(150, func_only=True)
 
 
 @pytest.fixture
-def cluster(slurm_cluster: SlurmCluster):  # noqa: F811
+def cluster(slurm_cluster: SlurmCluster):
     """The session cluster; cancels whatever a test left running."""
     before = len(slurm_cluster.submitted)
     yield slurm_cluster

@@ -67,6 +67,7 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
     if any(c.isspace() for c in str(run_dir)):
         raise UserError(str(run_dir), "the run folder's path must not contain whitespace (SLURM's --output)")
     out = Path(write_to).resolve() if write_to is not None else run_dir
+    (out / "logs").mkdir(parents=True, exist_ok=True)  # SLURM opens --output there before the script runs
     files: list[Path] = []
 
     def put(rel: str, text: str, mode: int | None = None) -> Path:

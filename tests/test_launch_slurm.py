@@ -1,0 +1,278 @@
+"""`mtf-train` against the real local SLURM cluster (scripts/local-slurm, 2 nodes): the real trainer on CPU across
+both nodes through the rendered job script, chains that stop and resume exactly, submitit's requeue, status,
+logs, cancel, a failed sbatch, the failure cap, and preflight.
+
+Every wait is bounded. The tiny recipe runs 2 nodes x 1 process (dp 2, gloo over loopback).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import BIN, RECIPES, mtf
+from tests.slurm_cluster import SlurmCluster
+
+pytestmark = pytest.mark.timeout(300, func_only=True)
+
+TINY = str(RECIPES / "tiny-local.yaml")
+STEPS = 30
+BASE = ["cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.partition=debug", "eval.iters=0",
+        "logging.log_interval=1", "checkpoint.interval=1000", f"training.train_iters={STEPS}",
+        # first-run flags: they must be dropped by every job after the first checkpoint
+        "checkpoint.no_load_optim=true", "checkpoint.reset_progress=true"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sets(*items: str) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        out += ["--set", item]
+    return out
+
+
+def submit(runs: Path, *extra: str, executor: str = "slurm", chain: int | None = None,
+           check: bool = True) -> tuple[Path | None, subprocess.CompletedProcess]:
+    args = [TINY, "--executor", executor, "--runs-dir", str(runs),
+            *sets(*BASE, f"cluster.master_port={free_port()}", *extra)]
+    if chain:
+        args += ["--chain", str(chain)]
+    proc = mtf(*args, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    found = [p for p in (runs / "tiny-local").iterdir() if not p.name.startswith(".")] if runs.exists() else []
+    return (found[0] if len(found) == 1 else None), proc
+
+
+def info(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())
+
+
+def status(run: Path) -> dict:
+    return json.loads(mtf("status", str(run), "--json", check=True).stdout)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["iteration"], r["loss"]) for r in recs if r["kind"] == "train"]
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+
+
+def wait_for_step(run: Path, step: int, timeout: float = 120) -> int:
+    def reached():
+        try:
+            got = losses(run)
+        except (OSError, ValueError, KeyError):
+            return None
+        return got[-1][0] if got and got[-1][0] >= step else None
+    return wait_until(reached, timeout, f"step {step} in {run}/metrics.jsonl")
+
+
+def events(run: Path) -> str:
+    return (run / "events.log").read_text()
+
+
+def diagnose(run: Path) -> str:
+    text = [f"--- events\n{events(run)}"]
+    for log in sorted((run / "logs").glob("*")) + sorted(run.glob("submitit/*/*.out")):
+        lines = [x for x in log.read_text(errors="replace").splitlines() if "Warning" not in x and "warn" not in x]
+        text.append(f"--- {log.name}\n" + "\n".join(lines[-25:]))
+    return "\n".join(text)
+
+
+@pytest.fixture
+def cluster(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
+    """The session cluster; cancels the jobs of every run a test left behind under tmp_path."""
+    yield slurm_cluster
+    ids = []
+    for run_json in tmp_path.glob("**/run.json"):
+        try:
+            ids += [str(j) for j in json.loads(run_json.read_text()).get("job_ids", [])]
+        except ValueError:
+            pass
+    slurm_cluster.cancel_unfinished(ids)
+
+
+@pytest.fixture(scope="module")
+def straight(slurm_cluster: SlurmCluster, tmp_path_factory):  # noqa: F811
+    """One uninterrupted 2-node run of STEPS steps, submitted as a chain of 2: the first job finishes and
+    cancels the second."""
+    runs = tmp_path_factory.mktemp("straight")
+    t0 = time.monotonic()
+    run, proc = submit(runs, chain=2)
+    job1, job2 = info(run)["job_ids"]
+    try:
+        state = slurm_cluster.wait_job(job1, timeout=240)
+    finally:
+        slurm_cluster.cancel_unfinished([job1, job2])
+    return {"run": run, "jobs": (job1, job2), "state": state, "stdout": proc.stdout, "seconds": time.monotonic() - t0}
+
+
+def test_two_node_run_completes_with_its_loss_in_the_run_folder(straight, slurm_cluster):
+    run = straight["run"]
+    assert straight["state"] == "COMPLETED", diagnose(run)
+    job1, job2 = straight["jobs"]
+    assert f"submitted a chain of 2 jobs: {job1} -> {job2}" in straight["stdout"]
+    curve = losses(run)
+    assert [i for i, _ in curve] == list(range(1, STEPS + 1))
+    assert curve[-1][1] < curve[0][1] - 2.0, curve       # about 7.86 -> 4.8
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert (run / "finished").exists() and (run / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"
+    log = events(run)
+    assert f"job={job1} start: 2 node(s) x 1 on n[1-2], rendezvous n1:" in log
+    assert f"job={job1} finished: step {STEPS} of {STEPS}" in log
+    # The finished job cancelled the rest of its chain: job 2 never ran.
+    assert f"job={job1} cancelled the pending jobs of the chain: finished" in log
+    assert slurm_cluster.wait_job(job2, timeout=30) == "CANCELLED" and f"job={job2}" not in log
+    s = status(run)
+    assert s["state"] == "finished" and [j["state"] for j in s["jobs"]] == ["COMPLETED", "CANCELLED"]
+    assert s["progress"]["iteration"] == STEPS and s["checkpoint"].endswith(f"global_step{STEPS}")
+    text = mtf("status", str(run), check=True).stdout
+    assert f"progress    step {STEPS} of {STEPS} |" in text and "tokens/s" in text
+    assert f"training finished at step {STEPS}" in mtf("logs", str(run), check=True).stdout
+    # Both ranks ran, one per node, with the rendered arguments.
+    main_log = (run / "logs" / "main.log").read_text()
+    assert "world 2 = pp 1 x tp 1 x dp 2" in main_log and "--no-load-optim" in (run / "job.sbatch").read_text()
+
+
+def test_chain_stops_on_the_pre_timeout_signal_and_resumes_exactly(straight, cluster: SlurmCluster, tmp_path):
+    """Job 1 gets what `--signal=B:USR1@margin` sends (USR1 to the batch shell), saves and exits; job 2 starts
+    after it, drops the first-run flags, resumes from that checkpoint and finishes with the same losses as the
+    uninterrupted run. status and logs are checked while job 2 runs (it spends its first seconds starting up)."""
+    run, _ = submit(tmp_path / "runs", chain=2)
+    job1, job2 = info(run)["job_ids"]
+    follow = subprocess.Popen([str(BIN / "mtf-train"), "logs", str(run), "-f"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run, 3)
+        cluster.run("scancel", "--batch", "--signal=USR1", job1)
+        assert cluster.wait_job(job1, timeout=120) == "COMPLETED", diagnose(run)
+        cluster.wait_state(job2, "RUNNING", timeout=60)
+        s = status(run)
+        stopped = s["progress"]["iteration"]
+        assert s["state"] == "running" and [j["state"] for j in s["jobs"]] == ["COMPLETED", "RUNNING"], s
+        assert 3 <= stopped < STEPS and s["checkpoint"] == str(run / "checkpoints" / f"global_step{stopped}")
+        text = mtf("status", str(run), check=True).stdout
+        assert f"jobs        {job1} COMPLETED" in text and f"| {job2} RUNNING" in text
+        assert f"progress    step {stopped} of {STEPS} |" in text
+        assert f"exiting at step {stopped} (kill switch) after saving" in mtf("logs", str(run), check=True).stdout
+        assert cluster.wait_job(job2, timeout=180) == "COMPLETED", diagnose(run)
+        out, err = follow.communicate(timeout=60)  # `logs -f` ends by itself once the chain has ended
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0, err
+    log = events(run)
+    assert f"job={job1} saved and exited at step {stopped} of {STEPS}; the next job resumes" in log
+    assert f"job={job1} first job: load {run / 'checkpoints'} --no-load-optim --reset-progress" in log
+    assert f"job={job1} signal USR1: save and exit" in log
+    assert f"job={job2} resume from {run / 'checkpoints'} (global_step{stopped})" in log
+    assert f"job={job2} finished: step {STEPS} of {STEPS}" in log
+    assert f"exiting at step {stopped} (kill switch) after saving" in out
+    assert f"training finished at step {STEPS}" in out
+    # The loss continues exactly: the same floats as the uninterrupted run, step for step.
+    assert losses(run) == losses(straight["run"])
+    assert status(run)["state"] == "finished"
+
+
+def test_cancel_stops_the_whole_chain(cluster: SlurmCluster, tmp_path):
+    run, _ = submit(tmp_path / "runs", "training.train_iters=100000", chain=2)
+    job1, job2 = info(run)["job_ids"]
+    cluster.wait_state(job1, "RUNNING", timeout=60)
+    out = mtf("cancel", str(run), check=True).stdout
+    assert f"cancelled job(s) {job1} {job2} of {run}" in out
+    assert cluster.wait_job(job1, timeout=60) == "CANCELLED"
+    assert cluster.wait_job(job2, timeout=60) == "CANCELLED"
+    assert f"job={job2}" not in events(run) and f"cancelled jobs {job1} {job2}" in events(run)
+    s = status(run)
+    assert s["state"] == "cancelled" and [j["state"] for j in s["jobs"]] == ["CANCELLED", "CANCELLED"]
+    assert "nothing to cancel" in mtf("cancel", str(run), check=True).stdout
+
+
+def test_failed_sbatch_marks_the_run_failed_with_sbatchs_message(cluster: SlurmCluster, tmp_path):
+    run, proc = submit(tmp_path / "runs", "cluster.partition=nope", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"mtf-train: error: {run}: sbatch failed: sbatch: error: invalid partition specified: nope "
+                    f"sbatch: error: Batch job submission failed: Invalid partition name specified")
+    data = info(run)
+    assert data["state"] == "failed" and data["job_ids"] == [] and "Invalid partition name" in data["error"]
+    assert data["submit_commands"] == [["sbatch", "--parsable", str(run / "job.sbatch")]]
+    assert "submit failed: sbatch failed: sbatch: error: invalid partition" in events(run)
+
+
+def test_consecutive_failures_stop_the_chain(cluster: SlurmCluster, tmp_path):
+    """A launcher that fails at once (python = /bin/false): three failures in a row, then the third job cancels
+    the fourth."""
+    run, _ = submit(tmp_path / "runs", "runtime.python=/bin/false", chain=4)
+    ids = info(run)["job_ids"]
+    for job in ids[:3]:
+        assert cluster.wait_job(job, timeout=60) == "FAILED"
+    assert cluster.wait_job(ids[3], timeout=30) == "CANCELLED"
+    log = events(run)
+    assert f"job={ids[2]} failed: exit 1 (3 in a row)" in log
+    assert f"job={ids[2]} cancelled the pending jobs of the chain: 3 failures in a row" in log
+    assert f"job={ids[3]}" not in log and (run / "failures").read_text().strip() == "3"
+    assert status(run)["state"] == "failed"
+
+
+def test_submitit_runs_one_task_per_node_and_requeues_at_the_pre_timeout_signal(straight, cluster: SlurmCluster,
+                                                                              tmp_path):
+    """submitit's signal (USR2 to every task) makes task 0 touch the kill switch, wait for the save, and requeue
+    the job; the requeued job resumes and finishes with the same losses as the uninterrupted run."""
+    run, proc = submit(tmp_path / "runs", executor="submitit")
+    (job,) = info(run)["job_ids"]
+    assert f"submitted job {job} through submitit" in proc.stdout
+    wait_for_step(run, 3)
+    cluster.run("scancel", "--signal=USR2", job)  # what submitit's --signal=USR2@margin does
+    wait_until(lambda: (run / "finished").exists(), 240, f"submitit run {run} to finish\n{diagnose(run)}")
+    assert cluster.wait_job(job, timeout=60) == "COMPLETED", diagnose(run)
+    log = events(run)
+    stopped = int(log.split("saved and exited at step ")[1].split()[0])
+    assert f"job={job} submitit pre-timeout signal: save, exit and requeue" in log
+    assert f"job={job} resume from {run / 'checkpoints'} (global_step{stopped})" in log
+    assert log.count(f"job={job} start: 2 node(s) x 1 (role node)") == 2
+    assert losses(run) == losses(straight["run"])
+    submission = next(run.glob("submitit/*/*_submission.sh")).read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR2@300",
+                 "#SBATCH --partition=debug", "#SBATCH --time=30"):
+        assert line in submission, line
+    assert status(run)["state"] == "finished"
+
+
+def test_preflight_measures_each_node_and_names_the_slowest(cluster: SlurmCluster, tmp_path):
+    proc = mtf("preflight", TINY, "--runs-dir", str(tmp_path), "--seconds", "0.5", "--timeout", "120",
+               *sets("cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.partition=debug",
+                     f"cluster.master_port={free_port()}"), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = [p for p in (tmp_path / "tiny-local-preflight").iterdir() if not p.name.startswith(".")]
+    result = json.loads((run / "preflight.json").read_text())
+    assert result["world_size"] == 2 and result["backend"] == "gloo"
+    assert sorted(r["node"] for r in result["records"]) == ["n1", "n2"]
+    assert all(r["gpus"] == 0 and r["matmul"]["rate"] > 0 and r["allreduce"]["correct"] for r in result["records"])
+    table = proc.stdout.split("waiting")[1]
+    rows = {line.split()[0]: float(line.split()[3]) for line in table.splitlines() if line.startswith(("n1 ", "n2 "))}
+    assert set(rows) == {"n1", "n2"}
+    slowest = min(rows, key=rows.get)
+    assert f"slowest node: {slowest} (" in proc.stdout
+    assert "no GPUs on any node" in proc.stdout and "all-reduce across 2 node(s) (gloo)" in proc.stdout
+    assert (run / "preflight.txt").read_text().strip() in proc.stdout
+    assert info(run)["state"] == "completed" and info(run)["slowest"] == slowest
