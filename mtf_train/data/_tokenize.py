@@ -1,0 +1,89 @@
+"""Row parsing and tokenization, run in preprocessing worker processes (or in-process with 0 workers).
+
+Kept free of torch/megatron imports so that spawned workers start in a fraction of a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+_TOK = None
+_EOD = None
+
+
+@dataclass
+class ChunkResult:
+    """Tokens of the good rows of one chunk, in row order, plus (position in chunk, reason, detail) of bad ones."""
+    input_tokens: np.ndarray    # int32, all good rows' inputs concatenated
+    input_lengths: np.ndarray   # int64 per good row
+    target_tokens: np.ndarray
+    target_lengths: np.ndarray
+    good: np.ndarray            # positions (in the chunk) of the good rows
+    bad: list
+
+
+def init_worker(tokenizer_json: str, eod_id: int, ignore_sigint: bool = True) -> None:
+    global _TOK, _EOD
+    from tokenizers import Tokenizer
+
+    if ignore_sigint:
+        # The parent owns interruption: it terminates the pool and removes its temporary files.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Worker count is the parallelism knob; the tokenizer's own thread pool would blur it.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TOK = Tokenizer.from_str(tokenizer_json)
+    _EOD = eod_id
+
+
+def check_row(line: bytes):
+    """(inputs, targets) or (None, (reason, detail)). Reasons are the summary's categories."""
+    try:
+        row = json.loads(line)
+    except UnicodeDecodeError:
+        return None, ("not JSON", "not valid UTF-8")
+    except ValueError as err:
+        return None, ("not JSON", str(err).split(":")[0])
+    if not isinstance(row, dict):
+        return None, ("not a JSON object", type(row).__name__)
+    for key in ("inputs", "targets"):
+        if key not in row:
+            return None, (f"missing {key}", "")
+        if not isinstance(row[key], str):
+            return None, (f"{key} not a string", type(row[key]).__name__)
+    if not row["targets"].strip():
+        return None, ("empty target", "")
+    return (row["inputs"], row["targets"]), None
+
+
+def _flatten(id_lists, extra=None):
+    lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
+    if extra is not None:
+        lengths += 1
+        flat = chain.from_iterable(chain(x, (extra,)) for x in id_lists)
+    else:
+        flat = chain.from_iterable(id_lists)
+    tokens = np.fromiter(flat, dtype=np.int32, count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def tokenize_chunk(lines: list) -> ChunkResult:
+    inputs, targets, good, bad = [], [], [], []
+    for pos, line in enumerate(lines):
+        pair, problem = check_row(line)
+        if pair is None:
+            bad.append((pos, *problem))
+        else:
+            inputs.append(pair[0])
+            # Megatron's --prepend-space: the target continues the input text after a space.
+            targets.append(" " + pair[1])
+            good.append(pos)
+    enc_in = [e.ids for e in _TOK.encode_batch_fast(inputs, add_special_tokens=False)] if inputs else []
+    enc_tg = [e.ids for e in _TOK.encode_batch_fast(targets, add_special_tokens=False)] if targets else []
+    in_tok, in_len = _flatten(enc_in)
+    tg_tok, tg_len = _flatten(enc_tg, extra=_EOD)
+    return ChunkResult(in_tok, in_len, tg_tok, tg_len, np.asarray(good, dtype=np.int64), bad)
