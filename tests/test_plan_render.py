@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -13,8 +12,8 @@ import pytest
 from mtf_train.data.mixture import load_mixture
 from mtf_train.recipe.load import load_recipe
 from mtf_train.recipe.validate import validate
-from mtf_train.plan import build_plan, parse_time_minutes
-from tests.helpers import RECIPES, ROOT, mtf, one_line_error
+from mtf_train.plan import parse_time_minutes
+from tests.helpers import RECIPES, ROOT, mtf
 
 
 def plan_json(recipe, *sets):

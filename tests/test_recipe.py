@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from mtf_train.errors import RecipeError
+from mtf_train.errors import RecipeError, UserError
 from mtf_train.recipe.load import dump_recipe, load_recipe
 from mtf_train.recipe.validate import validate
 from tests.helpers import RECIPES, mtf, one_line_error
@@ -127,8 +127,9 @@ RULES = [
     (["parallel.tp=2", "parallel.dp=1", "model.num_attention_heads=3", "model.hidden_size=66"],
      "model.num_attention_heads", "not divisible by tp 2"),
     (["model.hidden_size=66"], "model.hidden_size", "not divisible by num_attention_heads 4"),
-    (["model.pad_vocab_size_to=1001", "parallel.tp=2", "parallel.dp=1"], "model.pad_vocab_size_to",
+    (["model.pad_vocab_size_to=2561", "parallel.tp=2", "parallel.dp=1"], "model.pad_vocab_size_to",
      "not divisible by tp 2"),
+    (["model.pad_vocab_size_to=1000"], "model.pad_vocab_size_to", "smaller than the vocabulary (2531)"),
     (["model.max_position_embeddings=128"], "model.seq_length", "exceeds max_position_embeddings 128"),
     (["training.fused_kernels=true", "model.seq_length=16"], "model.seq_length", "fused softmax limits"),
     (["training.fused_kernels=true", "model.seq_length=8192", "model.max_position_embeddings=8192"],
@@ -148,7 +149,8 @@ RULES = [
     (["data.train_path=missing.txt"], "data.train_path", "file not found"),
     (["cluster.partition=a b"], "cluster.partition", "sbatch would misread"),
     (["environment.env={'A-B': 1}"], "environment.env.A-B", "not a valid environment variable name"),
-    (["cluster.extra_sbatch=['--mem=1G\\n#x']"], "cluster.extra_sbatch", "one sbatch option"),
+    (['cluster.extra_sbatch=["--mem=1G\\n#x"]'], "cluster.extra_sbatch", "one sbatch option"),
+    (["cluster.extra_sbatch=[mem=1G]"], "cluster.extra_sbatch", "one sbatch option"),
 ]
 
 
@@ -166,9 +168,10 @@ def test_path_file_grammar_errors_say_where(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text('"train: 0.5 0:0.95 /a/b, 0.5 0.9 /a/c"\n')
     r = tiny(tmp_path, f"data.train_path={bad}")
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(UserError) as info:
         validate(r)
-    assert "group 'train', entry 2, column 27" in str(info.value) and "must be S:E" in str(info.value)
+    assert str(info.value) == (f"{bad}: group 'train', entry 2, column 26: split '0.9' must be S:E with "
+                               "0 <= S < E <= 1")
 
 
 def test_check_data_finds_missing_dataset_files(tmp_path):

@@ -8,21 +8,19 @@ nodes. The run folder (`runs/<recipe>-preflight/<timestamp>-<id>/`) keeps the jo
 from __future__ import annotations
 
 import json
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jinja2
 
 import mtf_train
 from mtf_train.errors import UserError
 from mtf_train.launch import slurm
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, runs_root
 from mtf_train.recipe.schema import Recipe
-from mtf_train.render.job import TEMPLATES, write_atomic
+from mtf_train.render.job import sbatch_options, srun_options, template_env, write_atomic
 
 SLOW_FRACTION = 0.10  # a node this far below the median is worth excluding
 
@@ -31,37 +29,16 @@ class PreflightError(UserError):
     exit_code = 1
 
 
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
-    env.filters["q"] = lambda v: shlex.quote(str(v))
-    return env
-
-
 def render_preflight(r: Recipe, run_dir: Path, write_to: Path, *, seconds: float, time_limit: str) -> Path:
     c = r.cluster
-    sbatch_options = [f"--{name}={getattr(c, name)}" for name in ("partition", "account", "qos", "constraint")
-                      if getattr(c, name)]
-    if c.exclusive:
-        sbatch_options.append("--exclusive")
-    if c.exclude:
-        sbatch_options.append("--exclude=" + ",".join(c.exclude))
-    srun_options = []
-    ct = r.environment.container
-    if ct.image:
-        srun_options.append(f"--container-image={ct.image}")
-        if ct.mounts:
-            srun_options.append("--container-mounts=" + ",".join(ct.mounts))
-        if ct.workdir:
-            srun_options.append(f"--container-workdir={ct.workdir}")
     gpu = c.accelerator == "gpu"
-    text = _env().get_template("preflight.sbatch.j2").render(
+    text = template_env().get_template("preflight.sbatch.j2").render(
         version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, nodes=c.nodes,
         cpus_per_task=c.cpus_per_task, gres=gpu, gpus_per_node=c.gpus_per_node, time=time_limit,
-        run_dir=str(run_dir), sbatch_options=sbatch_options, extra_sbatch=c.extra_sbatch,
+        run_dir=str(run_dir), sbatch_options=sbatch_options(r), extra_sbatch=c.extra_sbatch,
         setup=r.environment.setup, env=sorted(r.environment.env.items()), master_port=c.master_port,
         python=r.runtime.python or sys.executable, nproc_per_node=c.gpus_per_node if gpu else 1,
-        worker_args=["--seconds", f"{seconds:g}"], srun_options=srun_options)
+        worker_args=["--seconds", f"{seconds:g}"], srun_options=srun_options(r))
     return write_atomic(write_to / "preflight.sbatch", text, mode=0o755)
 
 

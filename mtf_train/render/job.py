@@ -51,13 +51,37 @@ def _arg_lines(args: list[str]) -> list[str]:
     return [" ".join(x) for x in lines]
 
 
-def _template_env() -> jinja2.Environment:
+def template_env() -> jinja2.Environment:
     # Bash's `${#array[@]}` would open a Jinja comment: templates use `{#-- ... --#}` for comments instead.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False,
                              comment_start_string="{#--", comment_end_string="--#}")
     env.filters["q"] = lambda v: shlex.quote(str(v))
     return env
+
+
+def sbatch_options(r: Recipe) -> list[str]:
+    """#SBATCH options from the recipe's cluster section (beyond nodes, tasks, GPUs and time)."""
+    c = r.cluster
+    out = [f"--{name}={getattr(c, name)}" for name in ("partition", "account", "qos", "constraint") if getattr(c, name)]
+    if c.exclusive:
+        out.append("--exclusive")
+    if c.exclude:
+        out.append("--exclude=" + ",".join(c.exclude))
+    return out
+
+
+def srun_options(r: Recipe) -> list[str]:
+    """srun options for the launchers: the pyxis container, when the recipe names one."""
+    ct = r.environment.container
+    if not ct.image:
+        return []
+    out = [f"--container-image={ct.image}"]
+    if ct.mounts:
+        out.append("--container-mounts=" + ",".join(ct.mounts))
+    if ct.workdir:
+        out.append(f"--container-workdir={ct.workdir}")
+    return out
 
 
 def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
@@ -96,32 +120,17 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
     else:
         program = [str(Path(r.runtime.megatron_deepspeed_dir) / r.runtime.entrypoint)]
     c = r.cluster
-    sbatch_options = [f"--{name}={getattr(c, name)}" for name in ("partition", "account", "qos", "constraint")
-                      if getattr(c, name)]
-    if c.exclusive:
-        sbatch_options.append("--exclusive")
-    if c.exclude:
-        sbatch_options.append("--exclude=" + ",".join(c.exclude))
-    srun_options = []
-    ct = r.environment.container
-    if ct.image:
-        srun_options.append(f"--container-image={ct.image}")
-        if ct.mounts:
-            srun_options.append("--container-mounts=" + ",".join(ct.mounts))
-        if ct.workdir:
-            srun_options.append(f"--container-workdir={ct.workdir}")
-
     # The kill-switch path is a variable of the job script: expanded there, not quoted as a literal.
     lines = [ln.replace("'$KILL_SWITCH_PATH'", '"$KILL_SWITCH_PATH"') for ln in _arg_lines(ta.common)]
 
-    script = _template_env().get_template("job.sbatch.j2").render(
+    script = template_env().get_template("job.sbatch.j2").render(
         version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, nodes=c.nodes,
         cpus_per_task=c.cpus_per_task, hint=c.hint, gres=c.accelerator == "gpu", gpus_per_node=c.gpus_per_node,
-        time=c.time, run_dir=str(run_dir), signal_margin=c.signal_margin_s, sbatch_options=sbatch_options,
+        time=c.time, run_dir=str(run_dir), signal_margin=c.signal_margin_s, sbatch_options=sbatch_options(r),
         extra_sbatch=c.extra_sbatch, setup=r.environment.setup, env=sorted(r.environment.env.items()),
         max_failures=MAX_FAILURES, save=str(save), first_run=ta.first_run, first_load=ta.first_load or str(save),
         master_port=c.master_port, python=r.runtime.python or sys.executable, program=program, common_lines=lines,
-        srun_options=srun_options, train_iters=shape.train_iters)
+        srun_options=srun_options(r), train_iters=shape.train_iters)
     job = put("job.sbatch", script, mode=0o755)
     put("recipe.resolved.yaml", dump_recipe(r))
     put("plan.txt", format_plan(plan) + "\n")
