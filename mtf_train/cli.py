@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mtf_train.data.cli import register as register_data
     register_data(sub)
+    from mtf_train.ckpt.cli import register as register_ckpt
+    register_ckpt(sub)
     from mtf_train.launch.cli import register as register_launch
     register_launch(sub)
     return parser

@@ -1,0 +1,146 @@
+"""`mtf-train ckpt inspect DIR`: what a checkpoint holds, read from its files (no tensor data is loaded).
+
+Works on mtf-train's checkpoints and on the bigscience Megatron-DeepSpeed layout (2022 files pickle
+`megatron.*` objects; those are read as placeholders, see `layout`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from mtf_train.ckpt.layout import Checkpoint, CkptError, Placeholder, TorchFile, check_archive, human, locate
+
+
+@dataclass
+class Info:
+    path: str
+    tag: str
+    iteration: int | None
+    tp: int
+    pp: int
+    dp: int
+    dtype: str
+    parameters: int
+    num_layers: int | None
+    hidden_size: int | None
+    num_attention_heads: int | None
+    padded_vocab_size: int | None
+    original_vocab_size: int | None
+    optimizer_states: bool
+    optimizer: str | None           # "zero1/2" | "bf16" | None
+    zero_stage: int | None
+    universal_info: bool            # universal_checkpoint_info saved with the checkpoint
+    universal: str | None           # folder of the universal form, when one exists
+    consumed_train_samples: int | None
+    sizes: dict = field(default_factory=dict)  # bytes: layers, optimizer, client, total
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def text(self) -> str:
+        s = self.sizes
+        lines = [
+            f"checkpoint   {self.path} ({self.tag})",
+            f"iteration    {self.iteration}" + (f", {self.consumed_train_samples:,} samples consumed"
+                                                 if self.consumed_train_samples is not None else ""),
+            f"shape        tp {self.tp} x pp {self.pp} x dp {self.dp} (world {self.tp * self.pp * self.dp})",
+            f"model        {self.parameters:,} parameters, {self.dtype}"
+            + (f", {self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} heads"
+               if self.num_layers else "")
+            + (f", vocab {self.original_vocab_size} padded to {self.padded_vocab_size}"
+               if self.padded_vocab_size else ""),
+            "optimizer    " + (f"{self.optimizer} states (ZeRO stage {self.zero_stage})" if self.optimizer_states
+                               else "none (model weights only)"),
+            "universal    " + (self.universal if self.universal else "none")
+            + ("" if self.universal_info else " (no universal_checkpoint_info: BLOOM patterns are supplied on "
+                                               "conversion)"),
+            f"size         {human(s['total'])}: layers {human(s['layers'])}, optimizer {human(s['optimizer'])}, "
+            f"client state {human(s['client'])}",
+        ]
+        return "\n".join(lines)
+
+
+def client_args(state: dict) -> dict:
+    """The trainer arguments saved in a client state: a dict (ours) or an argparse Namespace (2022)."""
+    args = state.get("args")
+    if args is None:
+        return {}
+    if isinstance(args, dict):
+        return args
+    if isinstance(args, Placeholder):
+        return dict(getattr(args, "state", None) or {})
+    return dict(vars(args))
+
+
+def read_client(ck: Checkpoint, mp_rank: int = 0) -> dict:
+    from mtf_train.ckpt.layout import materialize
+
+    with TorchFile(ck.mp_files[mp_rank]) as tf:
+        state = tf.load()
+    if not isinstance(state, dict):
+        raise CkptError(str(ck.mp_files[mp_rank]), "not a DeepSpeed model-states file")
+    return {k: (materialize(v) if k in ("args", "param_shapes", "iteration") else v) for k, v in state.items()}
+
+
+def count_parameters(ck: Checkpoint) -> tuple[int, str]:
+    """Parameters of the full model (TP shards summed, replicated ones once) and the weights' dtype."""
+    from mtf_train.train.hf_names import tp_partition_dim
+
+    total, dtype = 0, None
+    for (layer, tp_rank), path in sorted(ck.layer_files.items()):
+        with TorchFile(path) as tf:
+            sd = tf.load()
+        if not isinstance(sd, dict):
+            raise CkptError(str(path), "not a layer state dict")
+        for name, t in sd.items():
+            if not hasattr(t, "numel"):
+                continue
+            dtype = dtype or str(t.dtype).replace("torch.", "")
+            try:
+                dim = tp_partition_dim(name)
+            except KeyError:
+                dim = 0
+            if dim is not None or tp_rank == 0:
+                total += t.numel()
+    return total, dtype or "?"
+
+
+def optimizer_kind(ck: Checkpoint) -> tuple[str | None, int | None]:
+    if not ck.optim_files:
+        return None, None
+    with TorchFile(next(iter(ck.optim_files.values()))) as tf:
+        sd = tf.load()
+    osd = sd.get("optimizer_state_dict", {}) if isinstance(sd, dict) else {}
+    stage = osd.get("zero_stage")
+    stage = int(getattr(stage, "value", stage)) if stage is not None else (0 if ck.bf16_optim else None)
+    return ("bf16" if ck.bf16_optim or "loss_scaler" not in osd else "zero"), stage
+
+
+def inspect_checkpoint(folder, step: int | None = None, check: bool = True) -> Info:
+    ck = locate(folder, step)
+    if check:
+        for p in ck.files():
+            check_archive(p)
+    client = read_client(ck)
+    args = client_args(client)
+    params, dtype = count_parameters(ck)
+    opt, stage = optimizer_kind(ck)
+    sizes = {"layers": sum(p.stat().st_size for p in ck.layer_files.values()),
+             "optimizer": sum(p.stat().st_size for p in ck.optim_files.values()),
+             "client": sum(p.stat().st_size for p in ck.mp_files.values())}
+    sizes["total"] = sum(sizes.values())
+    iteration = client.get("iteration", ck.iteration)
+    uni = ck.universal_path
+    return Info(
+        path=str(ck.path), tag=ck.tag, iteration=iteration if isinstance(iteration, int) else ck.iteration,
+        tp=ck.tp, pp=ck.pp, dp=ck.dp, dtype=dtype, parameters=params,
+        num_layers=args.get("num_layers"), hidden_size=args.get("hidden_size"),
+        num_attention_heads=args.get("num_attention_heads"),
+        padded_vocab_size=client.get("padded_vocab_size") or args.get("padded_vocab_size"),
+        original_vocab_size=client.get("original_vocab_size"),
+        optimizer_states=bool(ck.optim_files), optimizer=opt, zero_stage=stage,
+        universal_info=bool(client.get("universal_checkpoint_info")),
+        universal=str(uni) if uni else None,
+        consumed_train_samples=client.get("consumed_train_samples", args.get("consumed_train_samples")),
+        sizes=sizes,
+    )

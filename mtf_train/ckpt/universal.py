@@ -1,0 +1,141 @@
+"""`mtf-train ckpt to-universal DIR`: DeepSpeed's universal converter, used as a library.
+
+`deepspeed.checkpoint.ds_to_universal.main` does the work (extract ZeRO fragments, merge tensor-parallel
+slices, copy the client state). Around it:
+- BLOOM's tensor-parallel patterns are supplied when the checkpoint lacks `universal_checkpoint_info` (2022
+  Megatron-DeepSpeed checkpoints do): the converter's own `--inject_missing_state` hook is pointed at
+  `model.universal_checkpoint_info`, and the copied client-state files get the same info;
+- worker counts follow this host's memory (an extract worker holds one optimizer shard, a merge worker the
+  slices of one parameter) and CPUs; DeepSpeed's tqdm bar shows progress on stderr, its chatter goes there too;
+- the result is written into a scratch folder and renamed into place, then `latest_universal` is replaced
+  atomically, so an interrupted conversion leaves nothing behind; the input step is never modified.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+from mtf_train.ckpt.layout import Checkpoint, CkptError, human, locate, mem_available
+
+
+def bloom_info(client: dict, args: dict) -> dict:
+    from types import SimpleNamespace
+
+    from mtf_train.train.model import universal_checkpoint_info
+
+    padded = client.get("padded_vocab_size") or args.get("padded_vocab_size")
+    original = client.get("original_vocab_size") or padded
+    return universal_checkpoint_info(SimpleNamespace(original_vocab_size=original, padded_vocab_size=padded))
+
+
+def worker_counts(ck: Checkpoint, workers: int | None, merge_workers: int | None) -> tuple[int, int]:
+    """Extract workers each load one optimizer shard (about 1.5x its file); merge workers hold the TP slices of
+    one parameter's three states (about 4x its fp32 size). Leave a fifth of the memory free."""
+    from mtf_train.ckpt.layout import TorchFile
+
+    budget = mem_available() * 0.8
+    cpus = os.cpu_count() or 1
+    largest_file = max(p.stat().st_size for p in ck.optim_files.values())
+    largest_param = 0
+    with TorchFile(ck.mp_files[0]) as tf:
+        shapes = tf.load().get("param_shapes") or []
+    for group in shapes:
+        for shape in group.values():
+            n = 1
+            for s in shape:
+                n *= s
+            largest_param = max(largest_param, n * 4 * ck.tp)
+    small = sum(p.stat().st_size for p in ck.optim_files.values()) < (256 << 20)
+    if workers is None:  # processes cost a fork and a pickled checkpoint each: not worth it for small ones
+        workers = 1 if small else max(1, min(cpus, len(ck.optim_files), int(budget // max(1, 1.5 * largest_file))))
+    if merge_workers is None:
+        merge_workers = 1 if small else max(1, min(cpus, int(budget // max(1, 4 * largest_param))))
+    return workers, merge_workers
+
+
+def to_universal(folder, *, step: int | None = None, output_root=None, workers: int | None = None,
+                 merge_workers: int | None = None, force: bool = False, quiet: bool = False,
+                 keep_vocab_padding: bool = False) -> Path:
+    """Convert; returns the `global_stepN_universal` folder. `keep_vocab_padding` keeps the vocabulary's
+    padding rows (trained weights and states) instead of DeepSpeed's default of dropping them, for a load at
+    a shape with the same padded size: the reload is then exact."""
+    import torch
+    from deepspeed.checkpoint import ds_to_universal as d2u
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    from mtf_train.ckpt.inspect import client_args
+    from mtf_train.ckpt.layout import load_small
+
+    from mtf_train.ckpt.layout import check_archive
+
+    ck = locate(folder, step)
+    for path in ck.files():  # DeepSpeed's own errors on a damaged file are long and come after partial output
+        check_archive(path)
+    if not ck.optim_files:
+        raise CkptError(str(ck.path), "no optimizer states (ZeRO-0 or weights only): DeepSpeed's universal form "
+                        "needs them")
+    root = Path(output_root) if output_root else ck.root
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{ck.tag}_universal"
+    if final.exists() and not force:
+        raise CkptError(str(final), "exists already (pass --force to replace it)")
+    client = load_small(ck.mp_files[0])
+    info = client.get(UNIVERSAL_CHECKPOINT_INFO) if isinstance(client, dict) else None
+    injected = bloom_info(client, client_args(client)) if not info else None
+    n_extract, n_merge = worker_counts(ck, workers, merge_workers)
+    size = sum(p.stat().st_size for p in ck.files())
+
+    scratch = root / f".{ck.tag}_universal.tmp-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    out = scratch / final.name
+    args = Namespace(input_folder=str(ck.path), output_folder=str(out), num_extract_workers=n_extract,
+                     num_merge_workers=n_merge, keep_temp_folder=False, strict=True,
+                     inject_missing_state=injected is not None)
+    original_inject, original_check = d2u._inject_missing_state, d2u._check_for_required_state
+
+    def inject(ds_checkpoint):
+        if ds_checkpoint.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO) is None:
+            ds_checkpoint.global_state[UNIVERSAL_CHECKPOINT_INFO] = injected
+
+    def check(ds_checkpoint):
+        if keep_vocab_padding:
+            info = dict(ds_checkpoint.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO) or {})
+            padded = client.get("padded_vocab_size") or client_args(client).get("padded_vocab_size")
+            if padded:
+                info["original_vocab_size"] = padded
+            ds_checkpoint.global_state[UNIVERSAL_CHECKPOINT_INFO] = info
+        original_check(ds_checkpoint)
+
+    if not quiet:
+        print(f"converting {ck.path} ({human(size)}, tp {ck.tp} x pp {ck.pp} x dp {ck.dp}) with "
+              f"{n_extract} extract / {n_merge} merge workers"
+              + ("; universal_checkpoint_info missing: BLOOM's patterns supplied" if injected else ""), flush=True)
+    try:
+        d2u._inject_missing_state, d2u._check_for_required_state = inject, check
+        with contextlib.redirect_stdout(sys.stderr):
+            d2u.main(args)
+        if injected is not None:  # the copied client states get the info too (loading reads it)
+            for mp in sorted(out.glob("mp_rank_*_model_states.pt")):
+                sd = torch.load(mp, weights_only=False)
+                sd[UNIVERSAL_CHECKPOINT_INFO] = injected
+                torch.save(sd, mp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out, final)
+        tmp_latest = root / f".latest_universal.tmp{os.getpid()}"
+        tmp_latest.write_text(final.name)
+        os.replace(tmp_latest, root / "latest_universal")
+    except CkptError:
+        raise
+    except (AssertionError, RuntimeError, ValueError, KeyError, OSError) as err:
+        raise CkptError(str(ck.path), f"DeepSpeed's converter failed: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    finally:
+        d2u._inject_missing_state, d2u._check_for_required_state = original_inject, original_check
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final

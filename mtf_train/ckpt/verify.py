@@ -1,0 +1,165 @@
+"""Verification runs: the real model (megatron-core layers, DeepSpeed pipeline engine) under
+`torch.distributed.run`, at a checkpoint's shape, on a fixed batch.
+
+`run_worker(spec)` writes the spec, launches `python -m mtf_train.ckpt.worker` with tp*pp*dp processes and
+returns the worker's results: the loss and the logits of a fixed row after loading, the loss of one training
+step on the fixed batch and the loss and logits after that step. Comparing two runs (two shapes, or ours and
+transformers') is `compare`. Tolerances depend on the dtype the model computes in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mtf_train.ckpt.layout import VerifyError
+
+# (relative tolerance of losses, absolute tolerance of logits relative to their largest magnitude)
+TOLERANCE = {"float32": (2e-5, 1e-4), "bfloat16": (1e-3, 2e-2), "float16": (1e-3, 1e-2)}
+# Logits are compared against their scale: TP and PP change summation orders, nothing else.
+
+
+def fixed_batch(rows: int, seq: int, vocab: int, seed: int = 1234, single_segment: bool = False):
+    """`rows` packed rows of `seq + 1` ids in [0, vocab): a few examples per row, each an input part then a
+    target part (so the target-only loss has terms). Deterministic and independent of the shape."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq + 1), generator=g)
+    segs = torch.ones(rows, seq + 1, dtype=torch.long)
+    is_input = torch.zeros(rows, seq + 1, dtype=torch.bool)
+    for r in range(rows):
+        if single_segment:
+            is_input[r, : (seq + 1) // 3] = True
+            continue
+        pos, seg = 0, 1
+        while pos < seq + 1:
+            n = int(torch.randint(8, max(9, (seq + 1) // 2), (1,), generator=g))
+            end = min(seq + 1, pos + n)
+            segs[r, pos:end] = seg
+            is_input[r, pos:pos + max(1, (end - pos) // 2)] = True
+            pos, seg = end, seg + 1
+    return ids, segs, is_input
+
+
+def world_of(spec: dict) -> int:
+    return spec["tp"] * spec["pp"] * spec.get("dp", 1)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTF_CKPT_CACHE") or Path.home() / ".cache" / "mtf-train" / "ckpt-verify")
+
+
+def _cache_key(spec: dict) -> str | None:
+    """Probes of an unchanged checkpoint are cached (keyed by the spec and the files' sizes and mtimes), so
+    that reshaping or exporting the same checkpoint twice measures the source once."""
+    import hashlib
+
+    if spec["mode"] != "probe" or not spec.get("load"):
+        return None
+    step = Path(spec["load"]) / spec["tag"]
+    try:
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in step.iterdir() if p.is_file())
+    except OSError:
+        return None
+    blob = json.dumps([{k: v for k, v in spec.items() if k != "result"}, str(step.resolve()), files], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def run_worker(spec: dict, workdir: Path, timeout: float | None = None, label: str = "") -> dict:
+    """Run the worker for `spec` on this machine; its results (with logits tensors loaded)."""
+    import shutil
+
+    import torch
+
+    key = _cache_key(spec)
+    cached = cache_dir() / f"{key}.pt" if key else None
+    if cached is not None and cached.exists():
+        try:
+            return torch.load(cached, weights_only=False)
+        except Exception:  # a damaged cache entry: measure again
+            cached.unlink(missing_ok=True)
+    result = _run_worker(spec, workdir, timeout, label)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{os.getpid()}")
+            shutil.copyfile(workdir / f"{label or spec['mode']}.result.pt", tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            pass
+    return result
+
+
+def _run_worker(spec: dict, workdir: Path, timeout: float | None, label: str) -> dict:
+    import torch
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = label or spec["mode"]
+    spec = dict(spec, result=str(workdir / f"{name}.result.pt"))
+    spec_path = workdir / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    world = world_of(spec)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc_per_node", str(world), "--max_restarts", "0", "-m", "mtf_train.ckpt.worker", str(spec_path)]
+    log = workdir / f"{name}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                              cwd=str(workdir))
+    if proc.returncode != 0 or not Path(spec["result"]).exists():
+        tail = _error_line(log.read_text(errors="replace"))
+        raise VerifyError(name, f"the {world}-process run at tp {spec['tp']} x pp {spec['pp']} x dp "
+                          f"{spec.get('dp', 1)} failed: {tail} (log: {log})")
+    return torch.load(spec["result"], weights_only=False)
+
+
+def _error_line(text: str) -> str:
+    lines = [x.strip() for x in text.splitlines() if x.strip() and "ChildFailedError" not in x]
+    for line in reversed(lines):
+        for key in ("Error:", "Error ", "error:", "Exception:"):
+            if key in line:
+                return line.split("]:", 1)[-1].strip()[:300]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def logits_diff(a, b, vocab: int) -> float:
+    """Max |a - b| over the first `vocab` columns, relative to the largest |b| (at least 1)."""
+    a, b = a[..., :vocab].float(), b[..., :vocab].float()
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+def compare(reference: dict, got: dict, dtype: str, vocab: int, what: str, steps: bool = True,
+            tolerance: tuple | None = None) -> list[str]:
+    """Lines of the comparison; raises VerifyError when a quantity is out of tolerance."""
+    loss_tol, logit_tol = TOLERANCE.get(dtype, TOLERANCE["float32"])
+    if tolerance:
+        loss_tol, logit_tol = max(loss_tol, tolerance[0]), max(logit_tol, tolerance[1])
+    rows = [("loss", rel(got["loss0"], reference["loss0"]), loss_tol, got["loss0"], reference["loss0"]),
+            ("logits", logits_diff(got["logits0"], reference["logits0"], vocab), logit_tol, None, None)]
+    if steps:
+        rows += [("next-step loss", rel(got["loss1"], reference["loss1"]), loss_tol, got["loss1"], reference["loss1"]),
+                 ("next-step logits", logits_diff(got["logits1"], reference["logits1"], vocab), logit_tol, None, None)]
+    lines, bad = [], []
+    for name, diff, tol, a, b in rows:
+        ok = diff <= tol and math.isfinite(diff)
+        vals = f" ({a:.6f} vs {b:.6f})" if a is not None else ""
+        lines.append(f"  {name:17s} {'ok  ' if ok else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e}){vals}")
+        if not ok:
+            bad.append(f"{name} differs by {diff:.2e} (tolerance {tol:.0e})")
+    if bad:
+        raise VerifyError(what, "verification failed: " + "; ".join(bad))
+    return lines
+
+
+def scratch_dir(near: Path) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=".mtf-verify-", dir=near if near.is_dir() else None)

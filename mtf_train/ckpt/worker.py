@@ -1,0 +1,170 @@
+"""`python -m mtf_train.ckpt.worker SPEC.json` under torch.distributed.run: the real model at one shape.
+
+Builds BLOOM exactly as the trainer does (megatron-core TP layers in DeepSpeed's PipelineModule, the
+trainer's optimizer grouping, a DeepSpeed engine), then, by `spec["mode"]`:
+- `probe`:  load an ordinary checkpoint (or a universal one with `universal`) and measure;
+- `resave`: load, save an ordinary checkpoint at this shape into `save` (client state from `client`),
+            load that back, and measure;
+- `import`: copy a transformers BLOOM folder's weights into the model, save into `save` (iteration 0, fresh
+            optimizer), load that back, and measure.
+Measuring (see `verify.py`): logits of the fixed batch's first row, loss of the fixed batch, one training step
+at `step_lr` on it, loss and logits again. Rank 0 writes the results to `spec["result"]`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_hf_weights(model, hf_dir: str, num_layers: int, padded_vocab: int, tp: int, tp_rank: int) -> None:
+    """This stage's parameters from a transformers BLOOM folder (safetensors), split for `tp_rank`."""
+    import torch
+    from safetensors import safe_open
+
+    from mtf_train.train import hf_names
+
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    where = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                where[k] = f
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            hf = hf_names.to_hf_name(name, num_layers)
+            key = hf if hf in where else "transformer." + hf
+            if key not in where:
+                raise KeyError(f"{hf_dir}: no tensor {hf}")
+            with safe_open(str(where[key]), framework="pt") as fh:
+                full = fh.get_tensor(key)
+            if hf == "word_embeddings.weight" and full.shape[0] < padded_vocab:
+                full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], full.shape[1])])
+            shard = hf_names.split_tp({name: full}, tp, tp_rank)[name]
+            if shard.shape != param.shape:
+                raise ValueError(f"{name}: HF shard {tuple(shard.shape)} vs model {tuple(param.shape)}")
+            param.copy_(shard.to(param.dtype))
+
+
+def main(spec_path: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from mtf_train.ckpt.verify import fixed_batch
+    from mtf_train.train import checkpoint as trainer_ckpt
+    from mtf_train.train.feed import to_pipe_batch
+    from mtf_train.train.loop import make_optimizer
+    from mtf_train.train.model import BloomModelConfig, build_model, gather_logits
+    from mtf_train.train.parallel import init_parallel, seed_everything
+
+    spec = json.loads(Path(spec_path).read_text())
+    state = init_parallel(spec["tp"], spec["pp"], backend=spec.get("backend"))
+    seed_everything(spec.get("seed", 1234), state)
+    on_gpu = state.device.type == "cuda"
+    m = spec["model"]
+    config = BloomModelConfig(
+        num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_heads=m["num_heads"],
+        padded_vocab_size=m["padded_vocab_size"], original_vocab_size=m.get("original_vocab_size"),
+        layernorm_epsilon=m.get("layernorm_epsilon", 1e-5), init_std=m.get("init_std", 0.02),
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, attention="auto",
+        init_seed=spec.get("seed", 1234))
+    model = build_model(config, state, pipeline=True, norm_target_loss=spec.get("norm_target_loss", False),
+                        partition_method=spec.get("partition_method", "type:transformer|embedding"))
+    if spec["mode"] == "import":
+        load_hf_weights(model, spec["hf_dir"], config.num_layers, config.padded_vocab_size, state.tp, state.tp_rank)
+
+    import deepspeed
+
+    o = spec["optimizer"]
+    optimizer = make_optimizer(model, Namespace(lr=o["lr"], weight_decay=o["weight_decay"], adam_beta1=o["beta1"],
+                                                adam_beta2=o["beta2"], adam_eps=o["eps"]), on_gpu)
+    rows = spec["batch"]["rows"]
+    cfg = dict(spec["ds_config"])
+    cfg.update(train_micro_batch_size_per_gpu=1, train_batch_size=rows, steps_per_print=10**9,
+               wall_clock_breakdown=False)
+    cfg.pop("gradient_accumulation_steps", None)
+    if spec.get("universal"):
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
+                                                   dist_init_required=False)
+
+    def load(folder: str, tag: str):
+        module_only = bool(spec.get("load_module_only"))
+        path, client = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=not module_only,
+                                              load_lr_scheduler_states=False, load_module_only=module_only)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder}/{tag}")
+        return client or {}
+
+    client = {}
+    if spec.get("load"):
+        client = load(spec["load"], spec["tag"])
+    if spec["mode"] in ("resave", "import"):
+        if spec.get("universal"):  # from here on the engine loads and saves ordinary checkpoints
+            engine._config.load_universal_checkpoint = False
+        saved = torch.load(spec["client"], weights_only=False) if spec.get("client") else {}
+        saved = dict(saved)
+        saved["rng_state"] = trainer_ckpt.rng_state()
+        tag = spec.get("save_tag", spec["tag"])
+        engine.save_checkpoint(spec["save"], tag=tag, client_state=saved, save_latest=False)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            trainer_ckpt.write_latest(spec["save"], tag)
+        dist.barrier()
+        client = load(spec["save"], tag)
+
+    # --- measure on the fixed batch ---
+    b = spec["batch"]
+    ids, segs, is_input = fixed_batch(rows, b["seq"], b["vocab"], b.get("seed", 1234),
+                                      single_segment=b.get("single_segment", False))
+    mine = [to_pipe_batch((ids[i:i + 1], segs[i:i + 1], is_input[i:i + 1]), state.device)
+            for i in range(state.dp_rank, rows, state.dp)]
+    first = [to_pipe_batch((ids[:1], segs[:1], is_input[:1]), state.device)]
+    last_tp0 = state.is_last_stage and state.dp_rank == 0 and state.tp_rank == 0
+
+    def logits():
+        engine.total_loss = None  # DeepSpeed keeps it across eval_batch calls; logits and losses differ in shape
+        _, out = engine.eval_batch(iter(first), return_logits=True, compute_loss=False, num_micro_batches=1)
+        if state.is_last_stage:
+            full = gather_logits(out.float())
+            return full.cpu() if last_tp0 else None
+        return None
+
+    results = {"shape": [state.tp, state.pp, state.dp], "iteration": client.get("iteration")}
+    logits0 = logits()
+    engine.total_loss = None
+    results["loss0"] = float(engine.eval_batch(iter(mine)))
+    if spec.get("steps", True):
+        for group in optimizer.param_groups:
+            group["lr"] = spec["step_lr"]
+        engine.train()
+        engine.total_loss = None
+        results["step_loss"] = float(engine.train_batch(data_iter=iter(mine)))
+        engine.total_loss = None
+        results["loss1"] = float(engine.eval_batch(iter(mine)))
+        logits1 = logits()
+    else:
+        logits1 = None
+    # The last stage's (dp 0, tp 0) rank holds the gathered logits: it writes them next to the results.
+    if last_tp0:
+        torch.save({"logits0": logits0, "logits1": logits1}, spec["result"] + ".logits")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        got = torch.load(spec["result"] + ".logits", weights_only=False)
+        results.update(got)
+        Path(spec["result"] + ".logits").unlink()
+        torch.save(results, spec["result"] + ".tmp")
+        Path(spec["result"] + ".tmp").replace(spec["result"])
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
