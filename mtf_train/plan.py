@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mtf_train.recipe.schema import Recipe
+from mtf_train.train.schedule import BatchSchedule  # pure Python, no torch
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -93,11 +94,14 @@ def derive_shape(r: Recipe) -> Shape:
     else:
         padded = None
 
+    # The trainer's own schedule, so that plan, data caches and training agree on the length.
+    ru = r.batch.rampup
+    batches = BatchSchedule(gbs, (ru.start, ru.increment, ru.samples) if ru else None)
     iters, samples = r.training.train_iters, r.training.train_samples
     if samples is not None:
-        iters = _iters_for_samples(r, samples)
+        iters = batches.iterations(samples)
     elif iters is not None:
-        samples = _samples_for_iters(r, iters)
+        samples = batches.samples(iters)
 
     time_min = parse_time_minutes(r.cluster.time)
     exit_min = r.training.exit_duration_in_mins
@@ -113,35 +117,6 @@ def derive_shape(r: Recipe) -> Shape:
     return Shape(world, tp, pp, dp, micro, gbs, accum, vocab, padded, r.model.seq_length,
                  r.model.max_position_embeddings or r.model.seq_length, iters, samples, exit_min, time_min,
                  r.cluster.accelerator, zero, units)
-
-
-def _batch_at(r: Recipe, consumed: int) -> int:
-    """Global batch size after `consumed` samples, following Megatron's linear ramp-up."""
-    ru = r.batch.rampup
-    if ru is None:
-        return r.batch.global_
-    steps = max(1, (r.batch.global_ - ru.start) // ru.increment)
-    per_step = ru.samples / steps
-    return min(r.batch.global_, ru.start + int(consumed / per_step) * ru.increment)
-
-
-def _iters_for_samples(r: Recipe, samples: int) -> int:
-    if r.batch.rampup is None:
-        return -(-samples // r.batch.global_)
-    consumed = iters = 0
-    while consumed < samples:
-        consumed += _batch_at(r, consumed)
-        iters += 1
-    return iters
-
-
-def _samples_for_iters(r: Recipe, iters: int) -> int:
-    if r.batch.rampup is None:
-        return iters * r.batch.global_
-    consumed = 0
-    for _ in range(iters):
-        consumed += _batch_at(r, consumed)
-    return consumed
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """`mtf-train status|logs|cancel|preflight`: watching and stopping runs, and measuring nodes before a big job."""
 from __future__ import annotations
 
-import argparse
 import json
 
 RUNS_HELP = "root of run folders (default $MTF_RUNS_DIR or ./runs)"
