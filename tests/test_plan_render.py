@@ -124,7 +124,7 @@ def test_render_176b_external_runtime_carries_every_2022_argument(tmp_path):
     out = tmp_path / "job"
     mtf("render", str(RECIPES / "bloomz-176b.yaml"), "-o", str(out), "--set", "runtime.kind=megatron_deepspeed",
         "--set", "runtime.megatron_deepspeed_dir=/opt/Megatron-DeepSpeed", "--set", "data.root=/data/xp3",
-        check=True)
+        "--set", "cluster.cuda_launch_blocking=true", check=True)  # the 2022 stack's hang workaround, asked for
     script = (out / "job.sbatch").read_text()
     args = program_args(script)
     assert args[0] == "/opt/Megatron-DeepSpeed/finetune_t0.py"
@@ -159,6 +159,8 @@ def test_render_176b_external_runtime_carries_every_2022_argument(tmp_path):
 def test_render_176b_builtin_runtime_follows_current_deepspeed(tmp_path):
     out = tmp_path / "job"
     mtf("render", str(RECIPES / "bloomz-176b.yaml"), "-o", str(out), check=True)
+    # Launches stay asynchronous unless a recipe asks for the 2022 hang workaround.
+    assert "CUDA_LAUNCH_BLOCKING" not in (out / "job.sbatch").read_text()
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"] == {"stage": 1} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
     args = as_pairs(program_args((out / "job.sbatch").read_text()))

@@ -15,6 +15,7 @@ from mtf_train.ckpt.layout import CkptError
 def render_reshape_job(src, *, tp: int, pp: int, dp: int, out: Path, method: str, verify: bool, recipe: str | None,
                        sets, job: str | None) -> Path:
     from mtf_train.recipe.load import load_recipe
+    from mtf_train.render.job import job_env
 
     if not recipe:
         raise CkptError("--job", "needs --recipe RECIPE (its cluster settings run the job)")
@@ -38,7 +39,7 @@ def render_reshape_job(src, *, tp: int, pp: int, dp: int, out: Path, method: str
         lines.append("#SBATCH --exclusive")
     lines += [f"#SBATCH {x}" for x in c.extra_sbatch]
     lines += ["", "set -euo pipefail"]
-    for k, v in r.environment.env.items():
+    for k, v in job_env(r):
         lines.append(f"export {k}={shlex.quote(str(v))}")
     lines += list(r.environment.setup)
     cmd = [sys.executable, "-m", "mtf_train.cli", "ckpt", "reshape", str(src.ck.path), "--tp", str(tp), "--pp", str(pp),

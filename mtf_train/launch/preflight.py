@@ -20,7 +20,7 @@ from mtf_train.errors import UserError
 from mtf_train.launch import slurm
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, runs_root
 from mtf_train.recipe.schema import Recipe
-from mtf_train.render.job import sbatch_options, srun_options, template_env, write_atomic
+from mtf_train.render.job import job_env, sbatch_options, srun_options, template_env, write_atomic
 
 SLOW_FRACTION = 0.10  # a node this far below the median is worth excluding
 
@@ -36,7 +36,7 @@ def render_preflight(r: Recipe, run_dir: Path, write_to: Path, *, seconds: float
         version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, nodes=c.nodes,
         cpus_per_task=c.cpus_per_task, gres=gpu, gpus_per_node=c.gpus_per_node, time=time_limit,
         run_dir=str(run_dir), sbatch_options=sbatch_options(r), extra_sbatch=c.extra_sbatch,
-        setup=r.environment.setup, env=sorted(r.environment.env.items()), master_port=c.master_port,
+        setup=r.environment.setup, env=job_env(r), master_port=c.master_port,
         python=r.runtime.python or sys.executable, nproc_per_node=c.gpus_per_node if gpu else 1,
         worker_args=["--seconds", f"{seconds:g}"], srun_options=srun_options(r))
     return write_atomic(write_to / "preflight.sbatch", text, mode=0o755)

@@ -169,6 +169,11 @@ class Cluster:
     save_margin_mins: int = f(10, "Minutes between the derived exit duration and the time limit.", min=0)
     tflops_per_gpu: float = f(150.0, "Assumed achieved TFLOP/s per GPU (hardware FLOPs) for the plan's time estimate.", gt=0)
     gpu_memory_gb: float = f(80.0, "Memory per GPU that the plan checks the peak estimate against.", gt=0)
+    cuda_launch_blocking: bool = f(False, "Export `CUDA_LAUNCH_BLOCKING=1`: every kernel launch waits for the GPU "
+                                   "(host launch time then adds to GPU time instead of overlapping it). The 2022 "
+                                   "bigscience jobs set it as a workaround for a hang of their software stack "
+                                   "(\"do not remove or the training will hang\"); turn it on only where a site "
+                                   "meets such a hang.")
 
 
 @dataclass

@@ -60,6 +60,15 @@ def template_env() -> jinja2.Environment:
     return env
 
 
+def job_env(r: Recipe) -> list[tuple[str, str]]:
+    """The variables the job exports: `environment.env`, plus the launch-blocking switch when it is on (an
+    explicit `environment.env` entry wins)."""
+    env = dict(r.environment.env)
+    if r.cluster.cuda_launch_blocking:
+        env.setdefault("CUDA_LAUNCH_BLOCKING", "1")
+    return sorted(env.items())
+
+
 def sbatch_options(r: Recipe) -> list[str]:
     """#SBATCH options from the recipe's cluster section (beyond nodes, tasks, GPUs and time)."""
     c = r.cluster
@@ -127,7 +136,7 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
         version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, nodes=c.nodes,
         cpus_per_task=c.cpus_per_task, hint=c.hint, gres=c.accelerator == "gpu", gpus_per_node=c.gpus_per_node,
         time=c.time, run_dir=str(run_dir), signal_margin=c.signal_margin_s, sbatch_options=sbatch_options(r),
-        extra_sbatch=c.extra_sbatch, setup=r.environment.setup, env=sorted(r.environment.env.items()),
+        extra_sbatch=c.extra_sbatch, setup=r.environment.setup, env=job_env(r),
         max_failures=MAX_FAILURES, save=str(save), first_run=ta.first_run, first_load=ta.first_load or str(save),
         master_port=c.master_port, python=r.runtime.python or sys.executable, program=program, common_lines=lines,
         srun_options=srun_options(r), train_iters=shape.train_iters)
