@@ -15,7 +15,7 @@ from bloom_tiny import VOCAB, packed_rows, perturb_, tiny_config  # noqa: E402
 
 from mtf_train.train import attention as attn  # noqa: E402
 from mtf_train.train import hf_names  # noqa: E402
-from mtf_train.train.loss import BloomLoss, masked_loss, prepare_batch  # noqa: E402
+from mtf_train.train.loss import head_token_losses, logits_loss, masked_loss, prepare_batch  # noqa: E402
 
 ATOL = 1e-5
 
@@ -236,8 +236,104 @@ def test_vocab_parallel_loss_matches_cross_entropy(tp1):
     token_losses = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none").view_as(labels)
     for norm in (False, True):
         expected = masked_loss(token_losses, mask, seg_t, norm)
-        got = BloomLoss(norm)(logits.clone(), (labels, mask, seg_t))
+        got = logits_loss(logits.clone(), (labels, mask, seg_t), norm)
         assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def _loss_and_grads(loss_fn, hidden, weight):
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    loss = loss_fn(hidden, weight)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("norm", [False, True], ids=["token-mean", "norm-target-loss"])
+def test_chunked_head_loss_equals_logits_path(tp1, dtype, norm):
+    """The chunked head + cross entropy (logits at target positions only, recomputed in backward) gives the
+    logits path's loss and gradients, for chunks of 1 row, uneven chunks and one chunk, and with no target."""
+    ids, seg, is_input = packed_rows(batch=2, seq=16)
+    tokens, labels, mask, seg_t = prepare_batch(ids, seg, is_input)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(*tokens.shape, 32, generator=g).to(dtype)
+    weight = (torch.randn(VOCAB, 32, generator=g) * 0.5).to(dtype)
+    assert 0 < int(mask.sum()) < mask.numel()
+
+    def old(h, w):
+        return logits_loss(F.linear(h, w), (labels, mask, seg_t), norm)
+
+    ref_loss, ref_dh, ref_dw = _loss_and_grads(old, hidden, weight)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for chunk_rows in (1, 5, 64):
+        def new(h, w):
+            return masked_loss(head_token_losses(h, w, labels, mask, chunk_rows=chunk_rows), mask, seg_t, norm)
+
+        loss, dh, dw = _loss_and_grads(new, hidden, weight)
+        assert loss.dtype == ref_loss.dtype == torch.float32
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
+        assert dh.dtype == dtype and dw.dtype == dtype
+        torch.testing.assert_close(dh, ref_dh, **tol)
+        torch.testing.assert_close(dw, ref_dw, **tol)
+        assert dh[~mask].abs().max() == 0 and dw.abs().max() > 0
+    # No target at all: loss 0 and zero (not missing) gradients, as on the logits path.
+    none = torch.zeros_like(mask)
+    loss, dh, dw = _loss_and_grads(
+        lambda h, w: masked_loss(head_token_losses(h, w, labels, none, chunk_rows=4), none, seg_t, norm),
+        hidden, weight)
+    assert loss.item() == 0.0 and dh.abs().max() == 0 and dw is not None and dw.abs().max() == 0
+
+
+def test_model_loss_never_builds_full_logits(tp1):
+    """BloomModel's loss (the pipeline's loss_fn) equals the loss over full logits with the same gradient for
+    every parameter, multiplies the head only at target positions, a chunk at a time, and saves nothing
+    vocabulary-wide for backward (the logits path saves its [b, s, V] softmax)."""
+    from mtf_train.train.model import BloomModel
+
+    config = tiny_config(hidden_size=48)  # 4h != V: only the head makes vocabulary-wide tensors
+    model = BloomModel(config, norm_target_loss=True)
+    perturb_(model)
+    head = model.lm_head().word_embeddings.weight
+    ids, seg, is_input = packed_rows(batch=2, seq=16)
+    tokens, labels, mask, seg_t = prepare_batch(ids, seg, is_input)
+
+    def saved_vocab_wide(run):
+        shapes = []
+
+        def pack(t):
+            if t.dim() and t.shape[-1] == VOCAB and t.data_ptr() != head.data_ptr():
+                shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = run()
+        return loss, shapes
+
+    model.zero_grad()
+    ref, ref_saved = saved_vocab_wide(lambda: logits_loss(model(tokens, seg_t), (labels, mask, seg_t), True))
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert (2, 16, VOCAB) in ref_saved
+    model.zero_grad()
+    model.loss_fn.chunk_rows = 3
+    logit_rows = []  # rows of every matrix product with the head weight
+
+    class HeadProducts(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is F.linear and any(isinstance(a, torch.Tensor) and a.data_ptr() == head.data_ptr()
+                                        for a in args):
+                logit_rows.append(out.shape[0])
+            return out
+
+    with HeadProducts():
+        loss, saved = saved_vocab_wide(lambda: model(tokens, seg_t, labels, mask))
+    loss.backward()
+    assert saved == []
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert max(logit_rows) == 3 and sum(logit_rows) == int(mask.sum()) < tokens.numel() // 2
 
 
 # --- layout: names, layer specs, universal checkpoint patterns ----------------------------------------------

@@ -69,3 +69,23 @@ def test_pipeline_matches_plain_model(tmp_path, tp, pp, dp, universal):
         # from stage 0 (the last stage's copy is stale: PIPELINE_REPLICATED_PARAMETER_PATTERNS).
         assert reports[0]["universal"]["stale_norm_differs"]
         assert reports[0]["universal"]["max_diff"] == 0.0, reports[0]["universal"]
+
+
+def test_chunked_head_loss_matches_logits_path_tp1_tp2(tmp_path):
+    """The training loss (LM head inside the loss, logits only at target positions, chunked) equals the
+    full-logits path in loss and every parameter's gradient at TP=1 and TP=2, fp32 and bf16, with and without
+    --norm-target-loss; the pipeline engine's last stage then keeps hidden states, not logits."""
+    out = tmp_path / "loss.json"
+    torchrun(2, "loss_parity.py", str(out))
+    report = json.loads(out.read_text())
+    assert report["ok"], report
+    cases = {(c["tp"], c["dtype"], c["norm"]): c for c in report["cases"]}
+    assert len(cases) == 8
+    for (tp, dtype, norm), c in cases.items():
+        if dtype == "torch.float32":
+            assert c["loss_rel"] < 1e-5 and c["grad_rel"] < 1e-5, c
+        else:
+            assert c["grad_dtype"] == "torch.bfloat16" and c["loss_rel"] < 2e-3 and c["grad_rel"] < 1e-2, c
+    # The two normalisations are different losses (the comparison is not trivially of one number).
+    assert cases[(2, "torch.float32", True)]["loss"] != pytest.approx(cases[(2, "torch.float32", False)]["loss"])
+    assert report["pipe_outputs"] and all(s[-1] == report["hidden_size"] for s in report["pipe_outputs"])

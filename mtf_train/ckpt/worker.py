@@ -133,7 +133,9 @@ def main(spec_path: str) -> int:
         engine.total_loss = None  # DeepSpeed keeps it across eval_batch calls; logits and losses differ in shape
         _, out = engine.eval_batch(iter(first), return_logits=True, compute_loss=False, num_micro_batches=1)
         if state.is_last_stage:
-            full = gather_logits(out.float())
+            # The pipeline ends in final hidden states (the LM head runs inside the loss): apply the head here.
+            with torch.no_grad():
+                full = gather_logits(engine.module.lm_head().lm_logits(out).float())
             return full.cpu() if last_tp0 else None
         return None
 

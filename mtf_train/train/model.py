@@ -8,7 +8,8 @@
     3..L+2 BloomTransformerLayer
     L+3    drop_segment_ids     parameter-free: hidden states only from here on
     L+4    BloomFinalLayerNorm
-    L+5    BloomEmbedding       tied "embed" again, as the LM head (`lm_head_logits`): vocab-parallel logits
+    L+5    BloomEmbedding       tied "embed" again, as the LM head (`lm_head_inputs`): passes the hidden
+                                states on; the loss (`loss.BloomLoss`) applies the head at target positions only
 `BloomPipeline` hands the specs to DeepSpeed's PipelineModule; `BloomModel` (PP=1) builds the same specs the
 way PipelineModule does, so both have the same parameter names and the same layer numbering in checkpoints.
 
@@ -44,7 +45,7 @@ from torch import nn
 
 from mtf_train.train import attention as attn
 from mtf_train.train import hf_names
-from mtf_train.train.loss import BloomLoss
+from mtf_train.train.loss import BloomLoss, head_token_losses
 from mtf_train.train.parallel import ParallelState, pipe_topology
 
 
@@ -233,10 +234,18 @@ class BloomEmbedding(nn.Module):
         return hidden, segment_ids
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """This TP rank's vocabulary shard of the logits, `[b, s, V/tp]`."""
+        """This TP rank's vocabulary shard of the logits, `[b, s, V/tp]` (logits for evaluation and tests;
+        training goes through `lm_token_losses`, which never holds them all)."""
         # Identity forward; all-reduces the input gradient over TP ranks in backward.
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=_tp_group())
         return F.linear(hidden, self.word_embeddings.weight)
+
+    def lm_token_losses(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                        chunk_rows: int | None = None) -> torch.Tensor:
+        """Per-token cross entropy `[b, s]` of the LM head at the positions where `loss_mask` is on (0
+        elsewhere), chunked over those positions and over this rank's vocabulary shard (see `loss.py`)."""
+        tp_group = _tp_group() if _tp_size_rank()[0] > 1 else None
+        return head_token_losses(hidden, self.word_embeddings.weight, labels, loss_mask, tp_group, chunk_rows)
 
 
 class BloomSelfAttention(nn.Module):
@@ -368,8 +377,10 @@ def drop_segment_ids(inputs):
     return inputs[0]
 
 
-def lm_head_logits(embedding: BloomEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    return embedding.lm_logits(hidden)
+def lm_head_inputs(embedding: BloomEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    # The head's matmul runs inside the loss, at target positions only (`BloomLoss`); this spec still places
+    # the tied embedding on the last stage, so DeepSpeed holds and synchronises its weight there.
+    return hidden
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -389,7 +400,7 @@ def layer_specs(config: BloomModelConfig) -> list:
     specs += [
         drop_segment_ids,
         LayerSpec(BloomFinalLayerNorm, config, hf_names.final_norm_layer(config.num_layers)),
-        TiedLayerSpec("embed", BloomEmbedding, config, hf_names.EMBED_LAYER, forward_fn=lm_head_logits, **tied),
+        TiedLayerSpec("embed", BloomEmbedding, config, hf_names.EMBED_LAYER, forward_fn=lm_head_inputs, **tied),
     ]
     return specs
 
@@ -422,13 +433,13 @@ class BloomModel(nn.Module):
     """The PP=1 model: the pipeline's layer specs built and run in sequence in one process.
 
     `model(tokens, segment_ids)` returns this TP rank's vocabulary shard of the logits `[b, s, V/tp]`;
-    with `labels` and `loss_mask` it returns the scalar loss instead.
+    with `labels` and `loss_mask` it returns the scalar loss instead (without computing the full logits).
     """
 
     def __init__(self, config: BloomModelConfig, norm_target_loss: bool = True):
         super().__init__()
         self.config = config
-        self.loss_fn = BloomLoss(norm_target_loss)
+        self.loss_fn = BloomLoss(norm_target_loss, self.lm_head)
         self.tied_modules = nn.ModuleDict()
         self._layers = []
         for index, spec in enumerate(layer_specs(config)):
@@ -450,8 +461,11 @@ class BloomModel(nn.Module):
         for layer in self._layers:
             x = layer(x)
         if labels is None:
-            return x
+            return self.lm_head().lm_logits(x)
         return self.loss_fn(x, (labels, loss_mask, segment_ids))
+
+    def lm_head(self) -> BloomEmbedding:
+        return self.tied_modules["embed"]
 
 
 class BloomPipeline(PipelineModule):
@@ -466,13 +480,17 @@ class BloomPipeline(PipelineModule):
         super().__init__(
             layers=layer_specs(config),
             topology=topology,
-            loss_fn=BloomLoss(norm_target_loss),
+            loss_fn=BloomLoss(norm_target_loss, self.lm_head),
             partition_method=partition_method,
             activation_checkpoint_interval=0,
             **kwargs,
         )
         self.config = config
         self.universal_checkpoint_info = universal_checkpoint_info(config)
+
+    def lm_head(self) -> BloomEmbedding:
+        """The tied embedding, on the stages that hold it (the first and the last)."""
+        return self.tied_modules["embed"]
 
     def _synchronize_tied_weights(self):
         # DeepSpeed broadcasts the tied Parameter itself with autograd on; torch then warns at every backward

@@ -23,8 +23,9 @@ LR, CLIP = 0.1, 0.05
 def run(model, batch):
     (tokens, seg), (labels, loss_mask, _) = batch
     model.zero_grad(set_to_none=True)
-    logits = model(tokens, seg)
-    loss = model.loss_fn(logits.clone(), (labels, loss_mask, seg))
+    with torch.no_grad():
+        logits = model(tokens, seg)
+    loss = model(tokens, seg, labels, loss_mask)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return logits.detach(), loss.detach(), grads
