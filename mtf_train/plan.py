@@ -171,10 +171,12 @@ class Plan:
 
 
 def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int, recompute: bool) -> float:
-    """Training FLOPs per token (Narayanan et al. 2021): 72 (96 with full recomputation) * l * h^2 *
-    (1 + s/(6h) + V/(16*l*h)); the per-step formula divided by the B*s tokens of a step."""
-    factor = 1 + seq / (6 * hidden) + vocab / (16 * num_layers * hidden)
-    return (96 if recompute else 72) * num_layers * hidden * hidden * factor
+    """Training FLOPs per token (Narayanan et al. 2021): 96 * l * h^2 * (1 + s/(6h) + V/(16*l*h)) with full
+    recomputation, the per-step formula divided by the B*s tokens of a step. Its last term is the LM head's
+    6*h*V, which is never recomputed: without recomputation only the blocks' 96 becomes 72, giving
+    72*l*h^2*(1 + s/(6h)) + 6*h*V = 6N + 12*l*h*s (N with the head), the usual model FLOPs for MFU."""
+    blocks = (96 if recompute else 72) * num_layers * hidden * hidden * (1 + seq / (6 * hidden))
+    return blocks + 6 * hidden * vocab
 
 
 def stage_layout(num_layers: int, pp: int, method: str) -> list[tuple[int, bool, bool]]:
@@ -268,7 +270,7 @@ def build_plan(r: Recipe, shape: Shape) -> Plan:
         precision=dtype, zero_stage=shape.zero_stage, memory=memory, peak_memory_gb=peak.total_gb,
         peak_memory_stage=peak.stage, model_flops_per_token=model_fpt, hardware_flops_per_token=hw_fpt,
         flops_formula=f"{96 if recompute else 72}*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h)) per step "
-                      f"(model FLOPs use 72: no recomputation)",
+                      f"(model FLOPs: 72*l*h^2*(1 + s/(6h)) + 6*h*V per token, no recomputation)",
         tflops_per_gpu=r.cluster.tflops_per_gpu, step_seconds=step_s, total_hours=total_s / 3600,
         total_gpu_hours=total_s / 3600 * shape.world_size, exit_duration_in_mins=shape.exit_minutes, notes=notes)
 

@@ -60,6 +60,9 @@ def test_local_default_trains_and_reports_where_things_are(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     for what in (f"checkpoint: {run / 'checkpoints'}", f"loss curve: {run / 'loss_curve.png'}"):
         assert what in proc.stdout
+    # MFU needs a GPU's peak: on CPU the log says so once, after the FLOPs formula, and no step claims one.
+    assert proc.stdout.count("MFU: n/a on CPU") == 1 and "FLOPs per token: model 72*l*h^2" in proc.stdout
+    assert " | MFU " not in proc.stdout and "TFLOP/s per GPU" in proc.stdout
     info = json.loads((run / "run.json").read_text())
     assert info["state"] == "completed" and info["executor"] == "local"
 

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-batch-size-to-tensorboard", action="store_true")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
     g.add_argument("--tflops-per-gpu-peak", type=float, default=None,
-                   help="peak TFLOP/s per device for MFU in the log (default: 989 on H100, none on CPU)")
+                   help="peak TFLOP/s per device for MFU in the log (default: the GPU's dense bf16/fp16 peak "
+                        "from its name, e.g. 989 on H100/H200, 312 on A100; none on CPU)")
 
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed", action="store_true")

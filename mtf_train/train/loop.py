@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mtf_train.plan import flops_per_token
 from mtf_train.train import checkpoint as ckpt
+from mtf_train.train import mfu
 from mtf_train.train.feed import Feed
 from mtf_train.train.metrics import Metrics
 from mtf_train.train.schedule import BatchSchedule, LRSchedule
@@ -154,9 +155,13 @@ def run(args) -> int:
     fpt_hw = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded,
                              recompute=args.checkpoint_activations)
     world = dist.get_world_size()
-    peak = args.tflops_per_gpu_peak
+    peak, peak_source = mfu.resolve_peak(args.tflops_per_gpu_peak, state.device.type,
+                                         torch.cuda.get_device_name(state.device) if on_gpu else None)
     metrics.print(f"training {train_iters} steps ({train_samples} samples) from step {progress.iteration}: "
                   f"world {world} = pp {state.pp} x tp {state.tp} x dp {state.dp}, padded vocab {padded}")
+    for line in mfu.describe(args.num_layers, args.hidden_size, args.seq_length, padded,
+                             args.checkpoint_activations, fpt_model, fpt_hw, peak, peak_source):
+        metrics.print(line)
 
     def evaluate() -> None:
         engine.eval()
@@ -212,7 +217,7 @@ def run(args) -> int:
                    "model_tflops_per_gpu": model_tflops, "hw_tflops_per_gpu": fpt_hw * tps / world / 1e12,
                    "step_seconds": elapsed / args.log_interval}
             if peak:
-                rec["mfu"] = model_tflops / peak
+                rec["mfu"] = mfu.mfu(model_tflops, peak)
             metrics.log(rec)
             metrics.print(
                 f"step {progress.iteration}/{train_iters} | samples {progress.consumed_train_samples} | loss "
