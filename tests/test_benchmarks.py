@@ -16,7 +16,7 @@ from tests.helpers import ROOT
 def test_train_throughput_cpu_tiny_smoke(tmp_path):
     out = tmp_path / "tt.json"
     proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--device", "cpu", "--tiny",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     results = {r["impl"]: r for r in report["results"]}
