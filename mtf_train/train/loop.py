@@ -108,7 +108,9 @@ def run(args) -> int:
         padded_vocab_size=padded, original_vocab_size=tok.vocab_size, layernorm_epsilon=args.layernorm_epsilon,
         init_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, params_dtype=dtype,
-        checkpoint_activations=args.checkpoint_activations, attention=args.attention_impl, init_seed=args.seed)
+        recompute=args.recompute, attention=args.attention_impl, init_seed=args.seed,
+        # Compiling a block costs tens of seconds of CPU per shape, more than a CPU run gains: GPUs only by default.
+        compile=on_gpu if args.compile is None else args.compile)
     model = build_model(config, state, pipeline=True, norm_target_loss=args.norm_target_loss,
                         partition_method=args.pp_partition_method)
 
@@ -152,7 +154,7 @@ def run(args) -> int:
     metrics = Metrics(run_dir, args.tensorboard_dir, args.tensorboard_queue_size, enabled=rank0)
     fpt_model = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded, recompute=False)
     fpt_hw = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded,
-                             recompute=args.checkpoint_activations)
+                             recompute=args.recompute)
     world = dist.get_world_size()
     peak = args.tflops_per_gpu_peak
     metrics.print(f"training {train_iters} steps ({train_samples} samples) from step {progress.iteration}: "
