@@ -201,7 +201,7 @@ def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int, recomput
 #   selective: the block input (1), the GEMM outputs: QKV (3/t), h->4h (4/t), both row-parallel outputs (2),
 #     and at t > 1 their all-reduced copies (2); with FlexAttention also its output and log-sum-exp.
 #   full: the block input (1).
-#   Both layer norms keep a float32 mean and rstd per token (16*s*b bytes) except under full.
+#   Under none both layer norms also keep a float32 mean and rstd per token (16*s*b bytes).
 # A block being recomputed in backward holds, for that moment, the difference to `none` once per stage.
 # torch.compile's partitioner may keep less than eager (it recomputes cheap pointwise ops), never more.
 
@@ -221,7 +221,7 @@ def block_activation_bytes(mode: str, s: int, b: int, h: int, a: int, tp: int, e
         kept = (1 + 7 / tp + 2 + (2 if tp > 1 else 0)) * sbh * e
         if flex:
             kept += sbh / tp * e + 4 * a / tp * s * b
-        return kept + ln_stats
+        return kept
     if mode != "none":
         raise ValueError(f"unknown recompute mode {mode!r}")
     if flex:

@@ -95,7 +95,8 @@ def reference_attention(
     scores = scores + slopes.to(device=q.device, dtype=torch.float32).view(1, h, 1, 1) * distance
     if mask is None:
         mask = _cached_mask(segment_ids)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    # where(), not masked_fill(~mask): it saves the shared cached mask for backward, not a new inverted copy.
+    scores = torch.where(mask, scores, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     if dropout_p > 0.0 and training:
         if dropout_rng is None:
