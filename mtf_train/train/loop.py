@@ -119,6 +119,9 @@ def run(args) -> int:
     cfg = ds_config(args)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                    dist_init_required=False)
+    if args.bf16:
+        from mtf_train.train.bf16 import fuse_hp_grad_accumulation
+        fuse_hp_grad_accumulation(engine.optimizer)  # no per-parameter Python call per micro batch
 
     batches = BatchSchedule(args.global_batch_size, tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
     if args.train_samples is not None:
