@@ -157,7 +157,9 @@ def run(args) -> int:
     metrics = Metrics(run_dir, args.tensorboard_dir, args.tensorboard_queue_size, enabled=rank0)
     fpt_model = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded, recompute=False)
     fpt_hw = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded,
-                             recompute=args.recompute)
+                             recompute=args.recompute,
+                             flex=args.attention_impl == "flex" or (args.attention_impl == "auto" and on_gpu
+                                                                     and args.attention_dropout == 0))
     world = dist.get_world_size()
     peak = args.tflops_per_gpu_peak
     metrics.print(f"training {train_iters} steps ({train_samples} samples) from step {progress.iteration}: "
