@@ -210,7 +210,6 @@ def _rng_tracker_checkpoint_contexts():
     return contextlib.nullcontext(), recompute()
 
 
-
 # --- tensor-parallel linear layers, compile-friendly ------------------------------------------------------
 # megatron-core's ColumnParallelLinear/RowParallelLinear keep the weights (and their TP attributes, init and
 # checkpoint names); their forward is done here instead. megatron's forward resolves the TP group on every call
@@ -270,7 +269,7 @@ def _row_parallel(layer, x: torch.Tensor, tp: int, group) -> torch.Tensor:
 # (the linear layers' mm/addmm, the tensor-parallel all-reduces and FlexAttention's fused kernel) and recomputes
 # the rest: layer norms, GeLU (from its saved input) and, with the reference attention, the whole attention
 # core (scores, softmax, probs @ V: the [b, heads, s, s] tensors). Recomputing costs no GEMM but the small
-# attention batched matmuls, and frees everything but ~9 of the ~16 s*b*h-sized tensors plus every s^2 one.
+# attention batched matmuls; a block keeps 10 s*b*h-sized tensors instead of 16 and no s^2 one (plan.py).
 
 
 def _selective_policy(ctx, func, *args, **kwargs):
@@ -307,7 +306,8 @@ def _replay_tracker_selective():
 
 
 def _block_forward(layer, hidden, segment_ids, impl, mask, slopes):
-    """One block with its recompute mode: the function torch.compile turns into one graph per block."""
+    """One block with its recompute mode: the function torch.compile turns into one graph per block. (With
+    attention dropout the model-parallel RNG tracker's Python state breaks the graph; BLOOMZ trains without.)"""
     mode = layer.recompute
     if mode == "none" or not torch.is_grad_enabled():
         return layer._block(hidden, segment_ids, impl, mask, slopes)
