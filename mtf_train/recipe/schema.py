@@ -98,7 +98,15 @@ class Training:
     train_iters: Optional[int] = f(None, "Training length in steps (`--train-iters`).", min=1)
     seed: int = f(42, "Random seed (`--seed`).", min=0)
     norm_target_loss: bool = f(True, "Weight every example equally in the loss (`--norm-target-loss`).")
-    checkpoint_activations: bool = f(True, "Recompute activations in the backward pass (`--checkpoint-activations`).")
+    recompute: Literal["auto", "none", "selective", "full"] = f(
+        "auto", "Activation recomputation per block (`--recompute`): none; selective (keep the linear layers' "
+        "outputs, recompute layer norms, GeLU and the attention core); full (keep only each block's input, "
+        "`--checkpoint-activations`). auto: the least recomputation whose planned peak memory fits "
+        "cluster.gpu_memory_gb with 10% headroom (full with runtime megatron_deepspeed, as in 2022).")
+    checkpoint_activations: Optional[bool] = f(None, "finetune_t0's switch, for older recipes: true = recompute "
+                                               "full, false = recompute none.")
+    compile: Optional[bool] = f(None, "torch.compile each transformer block (`--compile` / `--no-compile`); unset: "
+                                "on GPUs yes, on CPU no (compiling costs more CPU time than it saves there).")
     fused_kernels: bool = f(False, "Require the fused softmax kernels' limits and abort when unmet "
                             "(`--abort-on-unmet-fused-kernel-constraints`).")
     exit_duration_in_mins: Optional[float] = f(None, "Save and exit after this many minutes; derived from "

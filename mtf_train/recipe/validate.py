@@ -108,6 +108,18 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
             fail("runtime.megatron_deepspeed_dir", "required with runtime.kind megatron_deepspeed")
         if r.cluster.accelerator == "cpu":
             fail("cluster.accelerator", "the Megatron-DeepSpeed runtime needs GPUs (fused CUDA kernels)")
+        if r.training.recompute == "selective":
+            fail("training.recompute", "selective recomputation is the built-in trainer's; the Megatron-DeepSpeed "
+                                       "runtime has only none or full (--checkpoint-activations)")
+        if r.training.compile is not None:
+            fail("training.compile", "block compilation is the built-in trainer's; leave it unset with the "
+                                     "Megatron-DeepSpeed runtime")
+    t = r.training
+    if t.checkpoint_activations is not None and t.recompute != "auto" \
+            and t.recompute != ("full" if t.checkpoint_activations else "none"):
+        fail(["training.recompute", "training.checkpoint_activations"],
+             f"recompute {t.recompute} contradicts checkpoint_activations {str(t.checkpoint_activations).lower()} "
+             "(true means full, false none); set only recompute")
     if s.pp > 1 and p.zero_stage > 1:
         fail("precision.zero_stage", "pipeline parallelism supports ZeRO 0 and 1 only")
 

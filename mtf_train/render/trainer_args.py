@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtf_train.plan import Shape
+from mtf_train.plan import Shape, choose_recompute
 from mtf_train.recipe.schema import Recipe
 
 
@@ -27,6 +27,7 @@ def _num(x: float) -> str:
 def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None, ds_config: str,
                  train_path: str, valid_path: str | None, kill_switch: str) -> TrainerArgs:
     m, o, t, c = r.model, r.optimizer, r.training, r.checkpoint
+    recompute, _ = choose_recompute(r, s)  # auto resolved by the plan's memory model
     first = []
     if c.universal:
         first.append("--universal-checkpoint")
@@ -59,8 +60,12 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
     if r.precision.dtype != "fp32":
         a.append(f"--{r.precision.dtype}")
     a += ["--seed", str(t.seed), "--position-embedding-type", m.position_embedding_type]
-    if t.checkpoint_activations:
-        a.append("--checkpoint-activations")
+    if recompute == "full":
+        a.append("--checkpoint-activations")  # finetune_t0's spelling, which both runtimes read
+    if r.runtime.kind == "mtf_train":
+        a += ["--recompute", recompute]
+        if t.compile is not None:
+            a.append("--compile" if t.compile else "--no-compile")
     if t.fused_kernels:
         a.append("--abort-on-unmet-fused-kernel-constraints")
     a += ["--kill-switch-path", kill_switch]
@@ -98,6 +103,6 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
     if r.runtime.kind == "mtf_train":
         a += ["--num-workers", str(r.data.num_workers)]
     a += ["--deepspeed", "--deepspeed_config", ds_config, "--zero-stage", str(s.zero_stage)]
-    if t.checkpoint_activations:
+    if recompute == "full":
         a.append("--deepspeed-activation-checkpointing")
     return TrainerArgs(first, a, c.load)

@@ -58,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("precision")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--bf16", action="store_true")
-    g.add_argument("--checkpoint-activations", action="store_true")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="finetune_t0's flag: recompute every block in backward (the same as --recompute full)")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default=None,
+                   help="activation recomputation per block: none, selective (layer norms, GeLU and the attention "
+                        "core from the saved GEMM outputs) or full (default: full with --checkpoint-activations, "
+                        "else none)")
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile each transformer block (default on GPUs)")
+    g.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the blocks eagerly (default on CPU, where compiling costs minutes per run)")
     g.add_argument("--abort-on-unmet-fused-kernel-constraints", action="store_true")
 
     g = p.add_argument_group("optimizer")
@@ -129,6 +138,10 @@ def check(args: argparse.Namespace) -> argparse.Namespace:
         bad("give exactly one of --train-samples and --train-iters")
     if args.fp16 and args.bf16:
         bad("--fp16 and --bf16 are exclusive")
+    if args.checkpoint_activations and args.recompute not in (None, "full"):
+        bad(f"--checkpoint-activations means --recompute full, not {args.recompute}")
+    if args.recompute is None:
+        args.recompute = "full" if args.checkpoint_activations else "none"
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:

@@ -79,19 +79,24 @@ def reference_attention(
     dropout_p: float = 0.0,
     training: bool = False,
     dropout_rng: Callable = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain matmul attention; bias, mask and softmax in float32 (like Megatron's fused softmax and HF BLOOM).
 
     `dropout_rng` is a context-manager factory entered around the attention dropout (the model passes the
     model-parallel RNG tracker's `fork`, so each TP rank drops independently on its own heads).
+    `mask`: `packed_causal_mask(segment_ids)` when the caller already has it (the model looks it up outside
+    its compiled region: the cache's identity/version check is Python state torch.compile cannot trace).
     """
     b, h, s, d = q.shape
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))
     pos = torch.arange(s, device=q.device, dtype=torch.float32)
     distance = pos[None, :] - pos[:, None]  # key - query, <= 0 where attended
     scores = scores + slopes.to(device=q.device, dtype=torch.float32).view(1, h, 1, 1) * distance
-    mask = _cached_mask(segment_ids)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is None:
+        mask = _cached_mask(segment_ids)
+    # where(), not masked_fill(~mask): it saves the shared cached mask for backward, not a new inverted copy.
+    scores = torch.where(mask, scores, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     if dropout_p > 0.0 and training:
         if dropout_rng is None:
@@ -139,21 +144,33 @@ def flex_attention(
     segment_ids: torch.Tensor,
     slopes: torch.Tensor,
     compiled: bool | None = None,
+    block_mask=None,
 ) -> torch.Tensor:
     """FlexAttention with a block mask from the segment ids and ALiBi as a score_mod (no dropout support).
 
     `compiled=None` compiles on CUDA (the fused kernel) and runs eagerly elsewhere (unfused, forward only
-    on CPU: torch has no FlexAttention backward on CPU).
+    on CPU: torch has no FlexAttention backward on CPU). `block_mask`: `packed_block_mask(segment_ids)` when the
+    caller already has it. Inside a compiled block the kernel is traced into the block's graph, so the
+    separately compiled function is not used there.
     """
     if compiled is None:
         compiled = q.is_cuda
     slopes = slopes.to(device=q.device, dtype=torch.float32)
-    block_mask = _cached_block_mask(segment_ids)
+    if block_mask is None:
+        block_mask = _cached_block_mask(segment_ids)
 
     def alibi(score, batch, head, q_idx, kv_idx):
         return score + slopes[head] * (kv_idx - q_idx)
 
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        return flex(q, k, v, score_mod=alibi, block_mask=block_mask)
     return _flex_fn(compiled)(q, k, v, score_mod=alibi, block_mask=block_mask)
+
+
+def attention_mask(impl: str, segment_ids: torch.Tensor):
+    """The mask object `impl` ('reference' or 'flex') uses for these segment ids, built once per micro batch."""
+    return _cached_block_mask(segment_ids) if impl == "flex" else _cached_mask(segment_ids)
 
 
 def resolve_impl(impl: str, device: torch.device, dropout_active: bool) -> str:

@@ -109,7 +109,9 @@ def run(args) -> int:
         padded_vocab_size=padded, original_vocab_size=tok.vocab_size, layernorm_epsilon=args.layernorm_epsilon,
         init_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, params_dtype=dtype,
-        checkpoint_activations=args.checkpoint_activations, attention=args.attention_impl, init_seed=args.seed)
+        recompute=args.recompute, attention=args.attention_impl, init_seed=args.seed,
+        # Compiling a block costs tens of seconds of CPU per shape, more than a CPU run gains: GPUs only by default.
+        compile=on_gpu if args.compile is None else args.compile)
     model = build_model(config, state, pipeline=True, norm_target_loss=args.norm_target_loss,
                         partition_method=args.pp_partition_method)
 
@@ -118,6 +120,9 @@ def run(args) -> int:
     cfg = ds_config(args)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                    dist_init_required=False)
+    if args.bf16:
+        from mtf_train.train.bf16 import fuse_hp_grad_accumulation
+        fuse_hp_grad_accumulation(engine.optimizer)  # no per-parameter Python call per micro batch
 
     batches = BatchSchedule(args.global_batch_size, tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
     if args.train_samples is not None:
@@ -153,7 +158,9 @@ def run(args) -> int:
     metrics = Metrics(run_dir, args.tensorboard_dir, args.tensorboard_queue_size, enabled=rank0)
     fpt_model = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded, recompute=False)
     fpt_hw = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded,
-                             recompute=args.checkpoint_activations)
+                             recompute=args.recompute,
+                             flex=args.attention_impl == "flex" or (args.attention_impl == "auto" and on_gpu
+                                                                     and args.attention_dropout == 0))
     world = dist.get_world_size()
     peak, peak_source = mfu.resolve_peak(args.tflops_per_gpu_peak, state.device.type,
                                          torch.cuda.get_device_name(state.device) if on_gpu else None)

@@ -49,6 +49,9 @@ from mtf_train.train.loss import BloomLoss, head_token_losses
 from mtf_train.train.parallel import ParallelState, pipe_topology
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
 @dataclass
 class BloomModelConfig:
     num_layers: int
@@ -61,7 +64,9 @@ class BloomModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     params_dtype: torch.dtype = torch.float32
-    checkpoint_activations: bool = False
+    checkpoint_activations: bool = False  # finetune_t0's flag: the same as recompute="full"
+    recompute: str | None = None  # "none" | "selective" | "full"; None: from checkpoint_activations
+    compile: bool = False  # torch.compile each block (one graph per block); see BloomTransformerLayer
     attention: str = "auto"  # "auto" | "reference" | "flex"
     init_seed: int = 1234
     perform_initialization: bool = True  # False: leave weights uninitialised (a checkpoint will be loaded)
@@ -74,6 +79,14 @@ class BloomModelConfig:
             raise ValueError(f"attention must be auto, reference or flex, not {self.attention!r}")
         if self.original_vocab_size is not None and self.original_vocab_size > self.padded_vocab_size:
             raise ValueError("original_vocab_size exceeds padded_vocab_size")
+        if self.recompute not in (None,) + RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, not {self.recompute!r}")
+
+    @property
+    def recompute_mode(self) -> str:
+        if self.recompute is not None:
+            return self.recompute
+        return "full" if self.checkpoint_activations else "none"
 
     @property
     def head_dim(self) -> int:
@@ -198,6 +211,131 @@ def _rng_tracker_checkpoint_contexts():
     return contextlib.nullcontext(), recompute()
 
 
+# --- tensor-parallel linear layers, compile-friendly ------------------------------------------------------
+# megatron-core's ColumnParallelLinear/RowParallelLinear keep the weights (and their TP attributes, init and
+# checkpoint names); their forward is done here instead. megatron's forward resolves the TP group on every call
+# (`get_tensor_model_parallel_group_if_none`, which warns when RowParallelLinear passes None): under
+# torch.compile each call is a graph break, 8 graphs per block. Here the group and size are fixed at
+# construction, TP=1 is plain F.linear, and the TP collectives are functional ops Dynamo traces.
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group.group_name))
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient (megatron's copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """All-reduce forward, identity backward (megatron's reduce_from_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _column_parallel(layer, x: torch.Tensor, tp: int, group) -> torch.Tensor:
+    """megatron's ColumnParallelLinear forward (gather_output=False, no sequence parallelism)."""
+    if tp > 1:
+        x = _CopyToTensorParallel.apply(x, group)
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _row_parallel(layer, x: torch.Tensor, tp: int, group) -> torch.Tensor:
+    """megatron's RowParallelLinear forward (input_is_parallel=True, bias added after the reduction)."""
+    out = F.linear(x, layer.weight)
+    if tp > 1:
+        out = _ReduceFromTensorParallel.apply(out, group)
+    return out + layer.bias
+
+
+# --- recomputation and compilation of a block -------------------------------------------------------------
+# "full": the block keeps only its input and recomputes everything in backward (finetune_t0's
+# --checkpoint-activations). "selective": selective activation checkpointing keeps the outputs of the GEMMs
+# (the linear layers' mm/addmm, the tensor-parallel all-reduces and FlexAttention's fused kernel) and recomputes
+# the rest: layer norms, GeLU (from its saved input) and, with the reference attention, the whole attention
+# core (scores, softmax, probs @ V: the [b, heads, s, s] tensors). Recomputing costs no GEMM but the small
+# attention batched matmuls; a block keeps 10 s*b*h-sized tensors instead of 16 and no s^2 one (plan.py).
+
+
+def _selective_policy(ctx, func, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    save = func in _SELECTIVE_SAVE or func is getattr(torch.ops.higher_order, "flex_attention", None)
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE_SAVE = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+    torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.wait_tensor.default,
+}
+
+
+def _selective_contexts():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _both_contexts(first, second):
+    """Two (forward, recompute) context pairs entered together."""
+    @contextlib.contextmanager
+    def joined(a, b):
+        with a, b:
+            yield
+
+    return joined(first[0], second[0]), joined(first[1], second[1])
+
+
+def _replay_tracker_selective():
+    return _both_contexts(_rng_tracker_checkpoint_contexts(), _selective_contexts())
+
+
+def _block_forward(layer, hidden, segment_ids, impl, mask, slopes):
+    """One block with its recompute mode: the function torch.compile turns into one graph per block. (With
+    attention dropout the model-parallel RNG tracker's Python state breaks the graph; BLOOMZ trains without.)"""
+    mode = layer.recompute
+    if mode == "none" or not torch.is_grad_enabled():
+        return layer._block(hidden, segment_ids, impl, mask, slopes)
+    args = (layer._block, hidden, segment_ids, impl, mask, slopes)
+    if layer._replay_tracker:  # attention dropout: the recomputation must replay the TP RNG tracker too
+        context_fn = _replay_tracker_selective if mode == "selective" else _rng_tracker_checkpoint_contexts
+        return torch.utils.checkpoint.checkpoint(*args, use_reentrant=False, context_fn=context_fn)
+    if mode == "selective":
+        # Built here (not a module-level function) so that Dynamo sees a functools.partial it can trace.
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+        context_fn = partial(create_selective_checkpoint_contexts, _selective_policy)
+        return torch.utils.checkpoint.checkpoint(*args, use_reentrant=False, context_fn=context_fn)
+    return torch.utils.checkpoint.checkpoint(*args, use_reentrant=False)
+
+
+_compiled_block = None
+
+
+def _compiled_block_forward():
+    """`_block_forward` under torch.compile, one compiled function for every block of the process: the blocks
+    differ only in their parameters, which Dynamo takes as graph inputs, so one graph serves them all."""
+    global _compiled_block
+    if _compiled_block is None:
+        _compiled_block = torch.compile(_block_forward, dynamic=False)
+    return _compiled_block
+
+
 # --- layers -------------------------------------------------------------------------------------------------
 
 
@@ -269,6 +407,7 @@ class BloomSelfAttention(nn.Module):
         )
         _mark_tensor_parallel(self.query_key_value.weight, 0)
         _mark_tensor_parallel(self.dense.weight, 1)
+        self.tp, self.tp_group = tp, _tp_group()
         # Full-head-count slopes, this rank's heads. Kept off the module buffers: a bf16 cast must not touch them.
         first = rank * self.num_local_heads
         self._slopes_cpu = attn.alibi_slopes(config.num_heads)[first:first + self.num_local_heads]
@@ -279,23 +418,32 @@ class BloomSelfAttention(nn.Module):
             self._slopes_by_device[device] = self._slopes_cpu.to(device)
         return self._slopes_by_device[device]
 
-    def forward(self, hidden: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, segment_ids: torch.Tensor, mask=None, impl: str | None = None,
+                slopes: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`, `impl`, `slopes`: resolved by the block outside its compiled region (see `attention_inputs`)."""
+        if impl is None:
+            impl, mask, slopes = self.attention_inputs(hidden, segment_ids)
         b, s, _ = hidden.shape
-        qkv, _ = self.query_key_value(hidden)
+        qkv = _column_parallel(self.query_key_value, hidden, self.tp, self.tp_group)
         qkv = qkv.view(b, s, self.num_local_heads, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, heads, s, head_dim]
-        slopes = self._slopes(hidden.device)
         dropout_active = self.training and self.attention_dropout > 0.0
-        if attn.resolve_impl(self.impl, hidden.device, dropout_active) == "flex":
-            context = attn.flex_attention(q, k, v, segment_ids, slopes)
+        if impl == "flex":
+            context = attn.flex_attention(q, k, v, segment_ids, slopes, block_mask=mask)
         else:
             context = attn.reference_attention(
                 q, k, v, segment_ids, slopes, self.attention_dropout, self.training,
-                dropout_rng=_tp_dropout_rng() if dropout_active else None,
+                dropout_rng=_tp_dropout_rng() if dropout_active else None, mask=mask,
             )
         context = context.transpose(1, 2).reshape(b, s, self.num_local_heads * self.head_dim)
-        out, _ = self.dense(context)
-        return out
+        return _row_parallel(self.dense, context, self.tp, self.tp_group)
+
+    def attention_inputs(self, hidden: torch.Tensor, segment_ids: torch.Tensor):
+        """(impl, mask, slopes) for this micro batch: the mask comes from a per-micro-batch cache keyed on the
+        segment-id tensor's identity and version, Python state that torch.compile would break on."""
+        dropout_active = self.training and self.attention_dropout > 0.0
+        impl = attn.resolve_impl(self.impl, hidden.device, dropout_active)
+        return impl, attn.attention_mask(impl, segment_ids), self._slopes(hidden.device)
 
 
 class BloomMLP(nn.Module):
@@ -311,12 +459,12 @@ class BloomMLP(nn.Module):
         )
         _mark_tensor_parallel(self.dense_h_to_4h.weight, 0)
         _mark_tensor_parallel(self.dense_4h_to_h.weight, 1)
+        self.tp, self.tp_group = _tp_size_rank()[0], _tp_group()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.dense_h_to_4h(hidden)
+        hidden = _column_parallel(self.dense_h_to_4h, hidden, self.tp, self.tp_group)
         hidden = F.gelu(hidden, approximate="tanh")  # BLOOM's (bias-)GeLU is the tanh approximation
-        hidden, _ = self.dense_4h_to_h(hidden)
-        return hidden
+        return _row_parallel(self.dense_4h_to_h, hidden, self.tp, self.tp_group)
 
 
 class BloomTransformerLayer(nn.Module):
@@ -333,25 +481,23 @@ class BloomTransformerLayer(nn.Module):
             self.post_attention_layernorm = _layer_norm(config)
             self.mlp = BloomMLP(config, mp_config, init, output_init)
         self.hidden_dropout = config.hidden_dropout
-        self.checkpoint_activations = config.checkpoint_activations
+        self.recompute = config.recompute_mode
+        self.compile = config.compile
+        # The model-parallel RNG tracker is used (and must be replayed by recomputation) only by attention dropout.
+        self._replay_tracker = config.attention_dropout > 0.0
         self.register_state_dict_post_hook(_drop_extra_state)
 
-    def _block(self, hidden: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-        attn_out = self.self_attention(self.input_layernorm(hidden), segment_ids)
+    def _block(self, hidden, segment_ids, impl, mask, slopes):
+        attn_out = self.self_attention(self.input_layernorm(hidden), segment_ids, mask, impl, slopes)
         hidden = hidden + F.dropout(attn_out, self.hidden_dropout, self.training)
         mlp_out = self.mlp(self.post_attention_layernorm(hidden))
         return hidden + F.dropout(mlp_out, self.hidden_dropout, self.training)
 
     def forward(self, inputs):
         hidden, segment_ids = inputs
-        if self.checkpoint_activations and torch.is_grad_enabled():
-            hidden = torch.utils.checkpoint.checkpoint(
-                self._block, hidden, segment_ids, use_reentrant=False,
-                context_fn=_rng_tracker_checkpoint_contexts,
-            )
-        else:
-            hidden = self._block(hidden, segment_ids)
-        return hidden, segment_ids
+        impl, mask, slopes = self.self_attention.attention_inputs(hidden, segment_ids)
+        run = _compiled_block_forward() if self.compile else _block_forward
+        return run(self, hidden, segment_ids, impl, mask, slopes), segment_ids
 
 
 class BloomFinalLayerNorm(nn.LayerNorm):
