@@ -45,6 +45,6 @@ def test_flops_formula_and_mfu():
     # 54.8k tokens/s on one H100 at this shape is 54.8e3 * by_hand / 1e12 model TFLOP/s.
     tflops = 54.8e3 * by_hand / 1e12
     assert mfu.mfu(tflops, 989) == pytest.approx(tflops / 989) and mfu.mfu(tflops, None) is None
-    lines = mfu.describe(l, h, s, v, True, by_hand, narayanan, None, "n/a on CPU")
+    lines = mfu.describe(l, h, s, v, "full", by_hand, narayanan, None, "n/a on CPU")
     assert lines[0].startswith(f"FLOPs per token: model {mfu.FORMULA} = {by_hand / 1e9:.3f} GFLOP")
     assert lines[1] == "MFU: n/a on CPU"

@@ -167,7 +167,7 @@ def run(args) -> int:
     metrics.print(f"training {train_iters} steps ({train_samples} samples) from step {progress.iteration}: "
                   f"world {world} = pp {state.pp} x tp {state.tp} x dp {state.dp}, padded vocab {padded}")
     for line in mfu.describe(args.num_layers, args.hidden_size, args.seq_length, padded,
-                             args.checkpoint_activations, fpt_model, fpt_hw, peak, peak_source):
+                             args.recompute, fpt_model, fpt_hw, peak, peak_source):
         metrics.print(line)
 
     def evaluate() -> None:

@@ -38,7 +38,8 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 
 FORMULA = "72*l*h^2*(1 + s/(6*h)) + 6*h*V"
-FORMULA_RECOMPUTE = "96*l*h^2*(1 + s/(6*h)) + 6*h*V"
+FORMULA_RECOMPUTE = {"none": FORMULA, "full": "96*l*h^2*(1 + s/(6*h)) + 6*h*V",
+                     "selective": FORMULA + " + 4*l*s*h (attention core repeated; 0 with FlexAttention)"}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -68,13 +69,13 @@ def mfu(model_tflops_per_gpu: float, peak: float | None) -> float | None:
     return model_tflops_per_gpu / peak if peak else None
 
 
-def describe(num_layers: int, hidden: int, seq: int, vocab: int, recompute: bool, fpt_model: float,
+def describe(num_layers: int, hidden: int, seq: int, vocab: int, recompute: str, fpt_model: float,
              fpt_hw: float, peak: float | None, source: str) -> list[str]:
     """The lines the trainer prints once before the first step."""
     lines = [f"FLOPs per token: model {FORMULA} = {fpt_model / 1e9:.3f} GFLOP "
              f"(l={num_layers}, h={hidden}, s={seq}, V={vocab}); hardware "
-             f"{FORMULA_RECOMPUTE if recompute else FORMULA} = {fpt_hw / 1e9:.3f} GFLOP"
-             f"{' (activation recomputation)' if recompute else ''}; TFLOP/s per GPU = FLOPs per token x "
+             f"{FORMULA_RECOMPUTE[recompute]} = {fpt_hw / 1e9:.3f} GFLOP (recompute {recompute}); "
+             f"TFLOP/s per GPU = FLOPs per token x "
              f"tokens/s / GPUs"]
     if peak:
         lines.append(f"MFU = model TFLOP/s per GPU / {peak:g} TFLOP/s ({source})")
