@@ -132,5 +132,9 @@ def read_checkpoint(folder, step: int | None = None, check: bool = True):
         if isinstance(saved, int) and saved != files_say:
             raise CkptError(str(ck.path), f"the saved args say {name} {saved}, the files give {files_say}: "
                             "files are missing or do not belong together")
+    dp = raw.get("dp_world_size")
+    if ck.optim_files and isinstance(dp, int) and dp != ck.dp:
+        raise CkptError(str(ck.path), f"DeepSpeed saved it at data-parallel size {dp}, the optimizer files give "
+                        f"{ck.dp}: optimizer files are missing or do not belong together")
     ck.check(num_layers if isinstance(num_layers, int) else None, crc=check)
     return ck, st

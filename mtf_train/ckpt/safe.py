@@ -31,6 +31,9 @@ from mtf_train.errors import UserError
 class UnsafeCheckpoint(UserError):
     """A checkpoint file that is damaged or needs more than the allowlist to unpickle: one line, exit 2."""
 
+    def __reduce__(self):  # raised in DeepSpeed's converter workers, it crosses a process boundary
+        return type(self), (self.where, self.reason)
+
 
 # --- the 2022 Megatron-DeepSpeed enums (megatron/enums.py), by value ----------------------------------------
 
