@@ -402,7 +402,8 @@ def split_for(t, name: str, tp: int, tp_rank: int):
 
 
 def new_args(src: Source, tp: int, pp: int, out: Path, padded: int) -> dict:
-    a = dict(src.args)
+    a = {k: v for k, v in src.args.items()  # progress lives at the top level in our form
+         if k not in ("consumed_train_samples", "consumed_valid_samples", "consumed_train_tokens")}
     a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, load=str(out), save=str(out),
              universal_checkpoint=False)
     if "padded_vocab_size" in a:
