@@ -23,7 +23,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--step", type=int, help="global_stepN instead of the one `latest` names")
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--no-check", action="store_true", help="skip the per-file integrity check")
+    p.add_argument("--no-check", action="store_true", help="skip the CRC-32 check of every file (it reads every "
+                   "byte once; the check that every layer file is there stays)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("to-universal", help="DeepSpeed's universal converter, with BLOOM's TP patterns supplied",

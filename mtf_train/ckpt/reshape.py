@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtf_train.ckpt.layout import (Checkpoint, CkptError, SkeletonFile, TorchFile, VerifyError,
-                                   empty_like_shape, human, load_small, locate, mem_available, staged)
+                                   empty_like_shape, human, load_small, mem_available, staged)
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 # what the trainer itself puts in the client state (checkpoint.save); DeepSpeed adds the rest

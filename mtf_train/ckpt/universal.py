@@ -19,7 +19,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-from mtf_train.ckpt.layout import Checkpoint, CkptError, human, locate, mem_available
+from mtf_train.ckpt.layout import Checkpoint, CkptError, human, mem_available
 
 
 def bloom_info(state) -> dict:
