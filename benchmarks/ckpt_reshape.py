@@ -7,12 +7,14 @@ trainer, which saves a ~460 MB checkpoint (weights + fp32 Adam states), then tim
 - `mtf-train ckpt reshape --tp 1 --pp 1 --no-verify` (direct method): the finished TP1 checkpoint;
 - `mtf-train ckpt reshape --tp 1 --pp 2 --no-verify`;
 - `mtf-train ckpt to-universal` (DeepSpeed's converter as a library, workers sized to memory);
-- for context, `mtf-train ckpt reshape --tp 1 --pp 1` with its verification runs.
+- for context, `mtf-train ckpt reshape --tp 1 --pp 1` with its verification runs;
+- the integrity check every tool and the trainer run before trusting a checkpoint (CRC-32 of every record of
+  every file, `Checkpoint.check`), in-process on a warm page cache, and `ckpt inspect` with and without it.
 Throughput is the input checkpoint's bytes over wall seconds. Peak memory is the largest summed RSS of the
 command's whole process tree, sampled every 20 ms; "above start" subtracts the RSS of a process that has only
 imported torch and DeepSpeed (what both the converter and the direct reshape import).
 
-Usage: .venv/bin/python benchmarks/ckpt_reshape.py [--workdir DIR] [--repeats N]
+Usage: .venv/bin/python benchmarks/ckpt_reshape.py [--workdir DIR] [--repeats N] [--only-check]
 """
 from __future__ import annotations
 
@@ -114,10 +116,32 @@ def largest_tensors(root: Path) -> tuple[int, int]:
     return largest_param, largest
 
 
+def check_cost(root: Path, size: int, repeats: int, env: dict) -> None:
+    """The integrity check alone (in this process), and `ckpt inspect` with and without it."""
+    from mtf_train.ckpt.layout import locate
+
+    ck = locate(root)
+    ck.check(4, crc=True)  # warm the page cache: the numbers are the check's CPU cost, not the disk's
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ck.check(4, crc=True)
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    mtf = str(BIN / "mtf-train")
+    inspect = statistics.median(measure([mtf, "ckpt", "inspect", str(root)], env)[0] for _ in range(repeats))
+    no_check = statistics.median(measure([mtf, "ckpt", "inspect", str(root), "--no-check"], env)[0]
+                                 for _ in range(repeats))
+    print(f"integrity check (CRC-32 of {len(ck.files())} files, {size / (1 << 20):.0f} MiB, warm cache): "
+          f"{wall:.3f} s = {size / wall / 1e9:.2f} GB/s; ckpt inspect {inspect:.2f} s, with --no-check "
+          f"{no_check:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", help="keeps the generated checkpoint between runs (default: a temp folder)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only-check", action="store_true", help="measure the integrity check only")
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +149,9 @@ def main() -> None:
     tag = (root / "latest").read_text().strip()
     step = root / tag
     size = sum(p.stat().st_size for p in step.iterdir())
+    if args.only_check:
+        check_cost(root, size, args.repeats, {"DS_ACCELERATOR": "cpu"})
+        return
     largest_param, largest_flat = largest_tensors(root)
     env = {"DS_ACCELERATOR": "cpu", "MTF_CKPT_CACHE": str(workdir / "cache")}
     scratch = workdir / "out"
@@ -184,6 +211,7 @@ def main() -> None:
     for label, wall, peak in rows:
         print(f"| `{label}` | {wall:.2f} s | {size / wall / 1e9:.3f} GB/s | {peak / mb:.0f} MiB | "
               f"{max(0, peak - start_rss) / mb:.0f} MiB |")
+    check_cost(root, size, args.repeats, env)
     print(json.dumps({"size": size, "rows": rows, "start_rss": start_rss, "largest_param": largest_param,
                       "largest_flat": largest_flat}))
 

@@ -23,7 +23,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--step", type=int, help="global_stepN instead of the one `latest` names")
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--no-check", action="store_true", help="skip the per-file integrity check")
+    p.add_argument("--no-check", action="store_true", help="skip the CRC-32 check of every file (it reads every "
+                   "byte once; the check that every layer file is there stays)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("to-universal", help="DeepSpeed's universal converter, with BLOOM's TP patterns supplied",
@@ -36,6 +37,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="extract workers (default: sized to this host's memory and CPUs)")
     p.add_argument("--merge-workers", type=int, help="merge workers (default: sized to memory)")
     p.add_argument("--force", action="store_true", help="replace an existing universal form of this step")
+    p.add_argument("--drop-vocab-padding", action="store_true",
+                   help="drop the vocabulary's padding rows (DeepSpeed's default; they come back as zeros on load). "
+                   "Kept by default, so that resuming from the universal form equals resuming from DIR; drop them "
+                   "only to load at a smaller padded vocabulary")
     p.set_defaults(func=cmd_to_universal)
 
     p = sub.add_parser("reshape", help="move a checkpoint to another TP/PP/DP shape, verified",
@@ -113,7 +118,8 @@ def cmd_to_universal(args) -> int:
     from mtf_train.ckpt.universal import to_universal
 
     out = to_universal(args.dir, step=args.step, output_root=args.output, workers=args.workers,
-                       merge_workers=args.merge_workers, force=args.force)
+                       merge_workers=args.merge_workers, force=args.force,
+                       keep_vocab_padding=not args.drop_vocab_padding)
     print(f"universal checkpoint: {out}")
     return 0
 

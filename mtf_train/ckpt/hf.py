@@ -117,6 +117,7 @@ def export_hf(folder, output, *, step: int | None = None, dtype: str | None = No
                 index.update({k: final for k in keys})
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+        _umask_modes(tmp)  # safetensors writes 0600 files: give them the modes every other file gets
         out_dtype = cast or saved_dtype or torch.float32
         write_config(tmp, src, out_dtype)
         tok_note = copy_tokenizer(src.args.get("tokenizer_name_or_path"), tmp)
@@ -134,6 +135,15 @@ def export_hf(folder, output, *, step: int | None = None, dtype: str | None = No
                 print(f"  not verified here: {why} (compare on a larger machine with export-hf there)")
     print(f"done: {out}")
     return 0
+
+
+def _umask_modes(folder: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.glob("*.safetensors"):
+        p.chmod(0o666 & ~umask)
 
 
 def write_config(folder: Path, src, dtype) -> None:

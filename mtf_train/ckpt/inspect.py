@@ -1,14 +1,15 @@
 """`mtf-train ckpt inspect DIR`: what a checkpoint holds, read from its files (no tensor data is loaded).
 
-Works on mtf-train's checkpoints and on the bigscience Megatron-DeepSpeed layout (2022 files pickle
-`megatron.*` objects; those are read as placeholders, see `layout`).
+Works on mtf-train's checkpoints and on the bigscience Megatron-DeepSpeed layout (2022 client states are read
+by `client.ClientState`). The step is verified first (`client.read_checkpoint`): a missing or damaged file is
+an error, never a smaller model.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 
-from mtf_train.ckpt.layout import Checkpoint, CkptError, Placeholder, TorchFile, check_archive, human, locate
+from mtf_train.ckpt.layout import Checkpoint, CkptError, TorchFile, human
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Info:
     universal_info: bool            # universal_checkpoint_info saved with the checkpoint
     universal: str | None           # folder of the universal form, when one exists
     consumed_train_samples: int | None
+    form: str = "mtf-train"         # client state: "mtf-train" | "megatron-deepspeed-2022"
     sizes: dict = field(default_factory=dict)  # bytes: layers, optimizer, client, total
 
     def to_json(self) -> str:
@@ -40,7 +42,7 @@ class Info:
     def text(self) -> str:
         s = self.sizes
         lines = [
-            f"checkpoint   {self.path} ({self.tag})",
+            f"checkpoint   {self.path} ({self.tag}, {self.form} client state)",
             f"iteration    {self.iteration}" + (f", {self.consumed_train_samples:,} samples consumed"
                                                  if self.consumed_train_samples is not None else ""),
             f"shape        tp {self.tp} x pp {self.pp} x dp {self.dp} (world {self.tp * self.pp * self.dp})",
@@ -61,25 +63,10 @@ class Info:
 
 
 def client_args(state: dict) -> dict:
-    """The trainer arguments saved in a client state: a dict (ours) or an argparse Namespace (2022)."""
-    args = state.get("args")
-    if args is None:
-        return {}
-    if isinstance(args, dict):
-        return args
-    if isinstance(args, Placeholder):
-        return dict(getattr(args, "state", None) or {})
-    return dict(vars(args))
+    """The trainer arguments saved in a client state (either form), as plain values."""
+    from mtf_train.ckpt.client import ClientState
 
-
-def read_client(ck: Checkpoint, mp_rank: int = 0) -> dict:
-    from mtf_train.ckpt.layout import materialize
-
-    with TorchFile(ck.mp_files[mp_rank]) as tf:
-        state = tf.load()
-    if not isinstance(state, dict):
-        raise CkptError(str(ck.mp_files[mp_rank]), "not a DeepSpeed model-states file")
-    return {k: (materialize(v) if k in ("args", "param_shapes", "iteration") else v) for k, v in state.items()}
+    return ClientState.read(state).args
 
 
 def count_parameters(ck: Checkpoint) -> tuple[int, str]:
@@ -117,30 +104,26 @@ def optimizer_kind(ck: Checkpoint) -> tuple[str | None, int | None]:
 
 
 def inspect_checkpoint(folder, step: int | None = None, check: bool = True) -> Info:
-    ck = locate(folder, step)
-    if check:
-        for p in ck.files():
-            check_archive(p)
-    client = read_client(ck)
-    args = client_args(client)
+    from mtf_train.ckpt.client import read_checkpoint
+
+    ck, client = read_checkpoint(folder, step, check=check)
+    args = client.args
     params, dtype = count_parameters(ck)
     opt, stage = optimizer_kind(ck)
     sizes = {"layers": sum(p.stat().st_size for p in ck.layer_files.values()),
              "optimizer": sum(p.stat().st_size for p in ck.optim_files.values()),
              "client": sum(p.stat().st_size for p in ck.mp_files.values())}
     sizes["total"] = sum(sizes.values())
-    iteration = client.get("iteration", ck.iteration)
     uni = ck.universal_path
     return Info(
-        path=str(ck.path), tag=ck.tag, iteration=iteration if isinstance(iteration, int) else ck.iteration,
+        path=str(ck.path), tag=ck.tag, iteration=client.iteration if client.iteration is not None else ck.iteration,
         tp=ck.tp, pp=ck.pp, dp=ck.dp, dtype=dtype, parameters=params,
         num_layers=args.get("num_layers"), hidden_size=args.get("hidden_size"),
         num_attention_heads=args.get("num_attention_heads"),
-        padded_vocab_size=client.get("padded_vocab_size") or args.get("padded_vocab_size"),
-        original_vocab_size=client.get("original_vocab_size"),
+        padded_vocab_size=client.padded_vocab_size, original_vocab_size=client.original_vocab_size,
         optimizer_states=bool(ck.optim_files), optimizer=opt, zero_stage=stage,
-        universal_info=bool(client.get("universal_checkpoint_info")),
+        universal_info=bool(client.raw.get("universal_checkpoint_info")),
         universal=str(uni) if uni else None,
-        consumed_train_samples=client.get("consumed_train_samples", args.get("consumed_train_samples")),
+        consumed_train_samples=client.consumed_train_samples, form=client.form,
         sizes=sizes,
     )

@@ -10,11 +10,14 @@
 unpickles only the small `data.pkl` and hands out `LazyTensor`s that read their bytes with plain file reads
 when asked, so a 100 GB optimizer shard costs nothing until a slice of it is needed. `write_skeleton` does the
 reverse: it saves the structure with `torch.serialization.skip_data` (the records are reserved, sparse, never
-in memory) and the caller fills each tensor range in place. Unknown classes in old checkpoints (a 2022
-checkpoint pickles `megatron.*` objects) become inert placeholders instead of import errors.
+in memory), the caller fills each tensor range in place and `close` writes the records' CRC-32s. Unpickling
+resolves only the globals of `safe`'s allowlist (a 2022 checkpoint's `megatron.enums` become local enums);
+anything else is refused. `Checkpoint.check` verifies a step before a tool trusts it: every layer file the
+model's depth requires (and no other), every file's records against their CRC-32s.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import io
 import os
@@ -83,6 +86,41 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return sorted([*self.layer_files.values(), *self.mp_files.values(), *self.optim_files.values()])
 
+    def check(self, num_layers: int | None = None, crc: bool = True) -> None:
+        """Raise CkptError unless the step is complete (every layer file `num_layers` blocks need, no other)
+        and, with `crc`, every file's records match their CRC-32s."""
+        from mtf_train.ckpt.safe import UnsafeCheckpoint, check_file
+
+        if num_layers is not None:
+            required = {1, *range(3, num_layers + 3), num_layers + 4}
+            allowed = required | {num_layers + 5}  # the tied embedding's copy on the last stage
+            have = set(self.layers)
+            missing, extra = sorted(required - have), sorted(have - allowed)
+            if missing:
+                names = ", ".join(f"layer_{x:02d}-model_*-model_states.pt" for x in missing[:3])
+                raise CkptError(str(self.path), f"missing layer file(s) {names}: a {num_layers}-layer model needs "
+                                f"layers {sorted(required)}; the checkpoint is incomplete")
+            if extra:
+                f = self.layer_files[min(k for k in self.layer_files if k[0] == extra[0])]
+                raise CkptError(str(f), f"unexpected layer file: the saved args say {num_layers} layers (layers "
+                                f"{sorted(required)}); the checkpoint's files do not belong together")
+        if crc:  # zlib's crc32 releases the GIL: files are checked in parallel on a many-core node
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one(path):
+                try:
+                    check_file(path)
+                except UnsafeCheckpoint as err:
+                    return err
+                return None
+
+            files = self.files()
+            with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
+                errors = list(pool.map(one, files))
+            for err in errors:
+                if err is not None:
+                    raise CkptError(err.where, err.reason)
+
     @property
     def universal_path(self) -> Path | None:
         """The universal form of this step, when `latest_universal` (or the usual folder) has one."""
@@ -103,7 +141,7 @@ def read_text(path: Path) -> str | None:
 def locate(folder: str | os.PathLike, step: int | None = None) -> Checkpoint:
     """The checkpoint in `folder`: a checkpoint root with `latest`, a run folder (its `checkpoints/`), or a
     `global_stepN` folder itself. `step` picks `global_step{step}` instead of `latest`."""
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))  # verification workers run in another working directory
     if not folder.exists():
         raise CkptError(str(folder), "no such folder")
     if not folder.is_dir():
@@ -112,7 +150,8 @@ def locate(folder: str | os.PathLike, step: int | None = None) -> Checkpoint:
         root, tag = folder.parent, folder.name
     else:
         root = folder
-        if not (root / "latest").exists() and (root / "checkpoints").is_dir() and step is None:
+        if (not (root / "latest").exists() and (root / "checkpoints").is_dir()
+                and not any(STEP_RE.match(p.name) for p in root.iterdir())):
             root = root / "checkpoints"  # a run folder
         if step is not None:
             tag = f"global_step{step}"
@@ -170,25 +209,6 @@ def _degrees(ck: Checkpoint) -> None:
 
 
 # --- lazy reading -------------------------------------------------------------------------------------------
-
-
-class Placeholder:
-    """Stands in for a pickled object whose class cannot be imported here (e.g. a 2022 `megatron.*` one)."""
-
-    _qualname = "?"
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"<unloadable {self._qualname}>"
-
-
-def _placeholder(module: str, name: str) -> type:
-    return type(name, (Placeholder,), {"_qualname": f"{module}.{name}"})
 
 
 class LazyStorage:
@@ -251,6 +271,13 @@ class LazyTensor:
 
     def __repr__(self):
         return f"LazyTensor({list(self.shape)}, {self.dtype})"
+
+
+def _torch_allowed_globals() -> dict:
+    """What torch's own weights-only unpickler allows (tensors, storages, dtypes, Size, OrderedDict, ...)."""
+    from torch import _weights_only_unpickler as wou
+
+    return dict(wou._get_allowed_globals())
 
 
 def _rebuild_lazy(storage, storage_offset, size, stride, *rest):
@@ -324,19 +351,30 @@ class TorchFile:
         tfile = self
         storages: dict[str, LazyStorage] = {}
 
+        from mtf_train.ckpt.safe import UnsafeCheckpoint, refusal_reason, resolve
+
+        torch_allowed = _torch_allowed_globals()
+
         class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):
+            def find_class(self, module, name):  # never imports what the file names: allowlist only
+                if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 spells builtins the py2 way
+                    module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+                elif module in _compat_pickle.IMPORT_MAPPING:
+                    module = _compat_pickle.IMPORT_MAPPING[module]
                 if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3",
                                                          "_rebuild_tensor"):
                     return _rebuild_lazy
                 if module == "torch._utils" and name == "_rebuild_parameter":
                     return _rebuild_parameter
-                if module == "torch" and name.endswith("Storage"):
-                    return getattr(torch, name, _placeholder(module, name))
-                try:
-                    return super().find_class(module, name)
-                except (ImportError, AttributeError):
-                    return _placeholder(module, name)
+                if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
+                    return getattr(torch, name)
+                full = f"{module}.{name}"
+                obj = torch_allowed.get(full)
+                if obj is None:
+                    obj = resolve(full)
+                if obj is None:
+                    raise UnsafeCheckpoint(str(tfile.path), refusal_reason(full))
+                return obj
 
             def persistent_load(self, pid):
                 _, storage_type, key, _location, numel = pid
@@ -351,6 +389,8 @@ class TorchFile:
 
         try:
             return Unpickler(io.BytesIO(data)).load()
+        except UnsafeCheckpoint as err:
+            raise CkptError(err.where, err.reason) from None
         except Exception as err:  # a broken pickle: any exception type is possible
             raise CkptError(str(self.path), f"corrupt data.pkl ({type(err).__name__}: {err})") from None
 
@@ -400,11 +440,13 @@ def materialize(obj):
 
 
 def check_archive(path: Path) -> None:
-    """Cheap integrity check: the zip directory reads and every record lies inside the file."""
-    with TorchFile(path) as tf:
-        for info in tf._zip.infolist():
-            if info.filename.startswith(tf._prefix + "data/"):
-                tf.record(info.filename[len(tf._prefix + "data/"):])
+    """Integrity: every record of the archive is present and matches its CRC-32 (see `safe.check_file`)."""
+    from mtf_train.ckpt.safe import UnsafeCheckpoint, check_file
+
+    try:
+        check_file(path)
+    except UnsafeCheckpoint as err:
+        raise CkptError(err.where, err.reason) from None
 
 
 # --- writing tensor by tensor -------------------------------------------------------------------------------
@@ -437,8 +479,11 @@ class SkeletonFile:
         self._fh.write(memoryview(values.view(torch.uint8).numpy()))
 
     def close(self) -> None:
+        from mtf_train.ckpt.safe import fix_crcs
+
         self._fh.close()
         self._tf.close()
+        fix_crcs(self.path)  # the records were filled after torch wrote their CRC-32s
 
 
 def empty_like_shape(shape, dtype):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtf_train.ckpt.layout import (Checkpoint, CkptError, SkeletonFile, TorchFile, VerifyError,
-                                   empty_like_shape, human, load_small, locate, mem_available, staged)
+                                   empty_like_shape, human, load_small, mem_available, staged)
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 # what the trainer itself puts in the client state (checkpoint.save); DeepSpeed adds the rest
@@ -47,7 +47,8 @@ TRAINER_KEYS = ("iteration", "consumed_train_samples", "consumed_valid_samples",
 @dataclass
 class Source:
     ck: Checkpoint
-    client: dict                    # mp_rank_00's full state (small)
+    client: dict                    # mp_rank_00's full state (small), as saved
+    state: "ClientState"            # the same, read (either form)
     args: dict
     num_layers: int
     hidden_size: int
@@ -70,14 +71,12 @@ class Source:
 
 
 def read_source(folder, step: int | None = None) -> Source:
-    from mtf_train.ckpt.inspect import client_args
+    from mtf_train.ckpt.client import read_checkpoint
     from mtf_train.train import hf_names
 
-    ck = locate(folder, step)
+    ck, state = read_checkpoint(folder, step)
     client = load_small(ck.mp_files[0])
-    if not isinstance(client, dict):
-        raise CkptError(str(ck.mp_files[0]), "not a DeepSpeed model-states file")
-    args = client_args(client)
+    args = state.args
     missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if not isinstance(args.get(k), int)]
     if missing:
         raise CkptError(str(ck.mp_files[0]), f"the saved args lack {', '.join(missing)}")
@@ -106,12 +105,11 @@ def read_source(folder, step: int | None = None) -> Source:
         odd = sorted(set(full) ^ expected)[:3]
         raise CkptError(str(ck.path), f"not a BLOOM checkpoint of {L} layers (unexpected or missing: {odd})")
     padded = full[hf_names.TIED_PREFIX + "word_embeddings.weight"][0]
-    original = client.get("original_vocab_size") or (client.get("universal_checkpoint_info") or {}).get(
-        "original_vocab_size") or padded
+    original = state.original_vocab_size or padded
     ds_cfg = client.get("ds_config") or {}
     dtype = ("bfloat16" if (ds_cfg.get("bf16") or {}).get("enabled") or args.get("bf16") else
              "float16" if (ds_cfg.get("fp16") or {}).get("enabled") or args.get("fp16") else "float32")
-    return Source(ck=ck, client=client, args=args, num_layers=L, hidden_size=args["hidden_size"],
+    return Source(ck=ck, client=client, state=state, args=args, num_layers=L, hidden_size=args["hidden_size"],
                   num_heads=args["num_attention_heads"], padded_vocab=padded, original_vocab=int(original),
                   dtype=dtype, full_shapes=full, layer_keys=layer_keys)
 
@@ -404,7 +402,8 @@ def split_for(t, name: str, tp: int, tp_rank: int):
 
 
 def new_args(src: Source, tp: int, pp: int, out: Path, padded: int) -> dict:
-    a = dict(src.args)
+    a = {k: v for k, v in src.args.items()  # progress lives at the top level in our form
+         if k not in ("consumed_train_samples", "consumed_valid_samples", "consumed_train_tokens")}
     a.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, load=str(out), save=str(out),
              universal_checkpoint=False)
     if "padded_vocab_size" in a:
@@ -413,12 +412,15 @@ def new_args(src: Source, tp: int, pp: int, out: Path, padded: int) -> dict:
 
 
 def client_state(src: Source, tp: int, pp: int, dp: int, out: Path, padded: int) -> dict:
-    """The trainer's client state at the new shape (mp_rank files): progress kept, RNG states dropped (the
-    new ranks seed themselves, as after a universal load)."""
-    c = {k: v for k, v in src.client.items() if k != "rng_state"}
+    """The trainer's client state at the new shape (mp_rank files), in mtf-train's form whatever the source's:
+    progress kept, RNG states dropped (the new ranks seed themselves, as after a universal load)."""
+    from mtf_train.ckpt.client import ClientState
+
+    c = ClientState.read(src.client).ours()
+    c.pop("rng_state", None)
     c["args"] = new_args(src, tp, pp, out, padded)
     c["padded_vocab_size"] = padded
-    c.setdefault("original_vocab_size", src.original_vocab)
+    c["original_vocab_size"] = src.original_vocab
     if not c.get("universal_checkpoint_info"):
         from types import SimpleNamespace
 
@@ -581,6 +583,10 @@ def verify_spec(src: Source, mode: str, folder: Path, tag: str, tp: int, pp: int
                 padded: int, universal: bool = False, **extra) -> dict:
     a = src.args
     ds_cfg = dict(src.client.get("ds_config") or {})
+    if src.dtype == "bfloat16" and not (ds_cfg.get("zero_optimization") or {}).get("stage"):
+        # 2022's bf16 + ZeRO-0 (BF16_Optimizer) does not reload with current DeepSpeed; ZeRO-1 with fp32
+        # gradient accumulation builds the same optimizer and reads the same files
+        ds_cfg = {}
     if not ds_cfg:
         ds_cfg = {"zero_optimization": {"stage": 1}, "gradient_clipping": a.get("clip_grad", 1.0)}
         if src.dtype == "bfloat16":

@@ -19,16 +19,16 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-from mtf_train.ckpt.layout import Checkpoint, CkptError, human, locate, mem_available
+from mtf_train.ckpt.layout import Checkpoint, CkptError, human, mem_available
 
 
-def bloom_info(client: dict, args: dict) -> dict:
+def bloom_info(state) -> dict:
     from types import SimpleNamespace
 
     from mtf_train.train.model import universal_checkpoint_info
 
-    padded = client.get("padded_vocab_size") or args.get("padded_vocab_size")
-    original = client.get("original_vocab_size") or padded
+    padded = state.padded_vocab_size
+    original = state.original_vocab_size or padded
     return universal_checkpoint_info(SimpleNamespace(original_vocab_size=original, padded_vocab_size=padded))
 
 
@@ -67,14 +67,14 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
     from deepspeed.checkpoint import ds_to_universal as d2u
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-    from mtf_train.ckpt.inspect import client_args
+    from mtf_train.ckpt.client import ClientState, read_checkpoint
     from mtf_train.ckpt.layout import load_small
+    from mtf_train.ckpt.safe import guard_torch_load
+    from mtf_train.ckpt.safe import load as safe_load
 
-    from mtf_train.ckpt.layout import check_archive
-
-    ck = locate(folder, step)
-    for path in ck.files():  # DeepSpeed's own errors on a damaged file are long and come after partial output
-        check_archive(path)
+    # every file checked before DeepSpeed reads any (its own errors on a damaged file are long and come after
+    # partial output)
+    ck, state = read_checkpoint(folder, step)
     if not ck.optim_files:
         raise CkptError(str(ck.path), "no optimizer states (ZeRO-0 or weights only): DeepSpeed's universal form "
                         "needs them")
@@ -85,7 +85,7 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
         raise CkptError(str(final), "exists already (pass --force to replace it)")
     client = load_small(ck.mp_files[0])
     info = client.get(UNIVERSAL_CHECKPOINT_INFO) if isinstance(client, dict) else None
-    injected = bloom_info(client, client_args(client)) if not info else None
+    injected = bloom_info(state) if not info else None
     n_extract, n_merge = worker_counts(ck, workers, merge_workers)
     size = sum(p.stat().st_size for p in ck.files())
 
@@ -105,25 +105,39 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
     def check(ds_checkpoint):
         if keep_vocab_padding:
             info = dict(ds_checkpoint.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO) or {})
-            padded = client.get("padded_vocab_size") or client_args(client).get("padded_vocab_size")
+            padded = state.padded_vocab_size
             if padded:
                 info["original_vocab_size"] = padded
             ds_checkpoint.global_state[UNIVERSAL_CHECKPOINT_INFO] = info
         original_check(ds_checkpoint)
 
     if not quiet:
-        print(f"converting {ck.path} ({human(size)}, tp {ck.tp} x pp {ck.pp} x dp {ck.dp}) with "
-              f"{n_extract} extract / {n_merge} merge workers"
+        print(f"converting {ck.path} ({human(size)}, tp {ck.tp} x pp {ck.pp} x dp {ck.dp}, {state.form} client "
+              f"state) with {n_extract} extract / {n_merge} merge workers"
               + ("; universal_checkpoint_info missing: BLOOM's patterns supplied" if injected else ""), flush=True)
+        padded, original = state.padded_vocab_size, state.original_vocab_size
+        if padded and original and padded > original:
+            if keep_vocab_padding:
+                print(f"vocabulary: all {padded} rows kept (the {padded - original} padding rows after the "
+                      f"tokenizer's {original} too), so resuming from the universal form equals resuming from "
+                      f"this checkpoint; it loads at a padded vocabulary of {padded} or more", flush=True)
+            else:
+                print(f"WARNING: vocabulary padding rows DROPPED ({original} of {padded} rows kept, as "
+                      f"--drop-vocab-padding asks): they load as zeros, so a resumed run's losses differ from "
+                      f"resuming this checkpoint", flush=True)
     try:
         d2u._inject_missing_state, d2u._check_for_required_state = inject, check
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), guard_torch_load(check=False):  # checked above
             d2u.main(args)
-        if injected is not None:  # the copied client states get the info too (loading reads it)
-            for mp in sorted(out.glob("mp_rank_*_model_states.pt")):
-                sd = torch.load(mp, weights_only=False)
+        # The copied client states in mtf-train's form (a 2022 one would otherwise carry its megatron.enums
+        # along), with the universal info loading reads.
+        for mp in sorted(out.glob("mp_rank_*_model_states.pt")):
+            sd = ClientState.read(safe_load(mp)).ours()
+            if injected is not None:
                 sd[UNIVERSAL_CHECKPOINT_INFO] = injected
-                torch.save(sd, mp)
+            tmp = mp.with_name(mp.name + ".tmp")
+            torch.save(sd, tmp)
+            os.replace(tmp, mp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(out, final)

@@ -80,7 +80,7 @@ def run_worker(spec: dict, workdir: Path, timeout: float | None = None, label: s
     cached = cache_dir() / f"{key}.pt" if key else None
     if cached is not None and cached.exists():
         try:
-            return torch.load(cached, weights_only=False)
+            return torch.load(cached, weights_only=True)
         except Exception:  # a damaged cache entry: measure again
             cached.unlink(missing_ok=True)
     result = _run_worker(spec, workdir, timeout, label)
@@ -116,7 +116,7 @@ def _run_worker(spec: dict, workdir: Path, timeout: float | None, label: str) ->
         tail = _error_line(log.read_text(errors="replace"))
         raise VerifyError(name, f"the {world}-process run at tp {spec['tp']} x pp {spec['pp']} x dp "
                           f"{spec.get('dp', 1)} failed: {tail} (log: {log})")
-    return torch.load(spec["result"], weights_only=False)
+    return torch.load(spec["result"], weights_only=True)
 
 
 def _error_line(text: str) -> str:

@@ -95,10 +95,14 @@ def main(spec_path: str) -> int:
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                                    dist_init_required=False)
 
+    from mtf_train.ckpt.safe import guard_torch_load
+    from mtf_train.ckpt.safe import load as safe_load
+
     def load(folder: str, tag: str):
         module_only = bool(spec.get("load_module_only"))
-        path, client = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=not module_only,
-                                              load_lr_scheduler_states=False, load_module_only=module_only)
+        with guard_torch_load(check=False):  # weights only, allowlisted (the tool checked the files' CRCs)
+            path, client = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=not module_only,
+                                                  load_lr_scheduler_states=False, load_module_only=module_only)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {folder}/{tag}")
         return client or {}
@@ -109,7 +113,7 @@ def main(spec_path: str) -> int:
     if spec["mode"] in ("resave", "import"):
         if spec.get("universal"):  # from here on the engine loads and saves ordinary checkpoints
             engine._config.load_universal_checkpoint = False
-        saved = torch.load(spec["client"], weights_only=False) if spec.get("client") else {}
+        saved = safe_load(spec["client"]) if spec.get("client") else {}
         saved = dict(saved)
         saved["rng_state"] = trainer_ckpt.rng_state()
         tag = spec.get("save_tag", spec["tag"])
@@ -159,7 +163,7 @@ def main(spec_path: str) -> int:
         torch.save({"logits0": logits0, "logits1": logits1}, spec["result"] + ".logits")
     dist.barrier()
     if dist.get_rank() == 0:
-        got = torch.load(spec["result"] + ".logits", weights_only=False)
+        got = torch.load(spec["result"] + ".logits", weights_only=True)
         results.update(got)
         Path(spec["result"] + ".logits").unlink()
         torch.save(results, spec["result"] + ".tmp")

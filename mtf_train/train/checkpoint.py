@@ -6,7 +6,9 @@
     <save>/global_stepN/[bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt
 
 `latest` moves only after every rank has finished writing, so an interrupted save leaves the previous
-checkpoint in charge.
+checkpoint in charge. Loading trusts nothing: the step must be complete and at this run's shape, every file
+DeepSpeed reads is CRC-checked and unpickled weights-only with `mtf_train.ckpt.safe`'s allowlist, and the client
+state is read in either form (ours or 2022 Megatron-DeepSpeed's, `mtf_train.ckpt.client`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from mtf_train.errors import UserError
 
 
 class CheckpointError(UserError):
-    exit_code = 1
+    """A checkpoint that cannot be loaded as given (missing, damaged, another shape): one line, exit 2."""
 
 
 @dataclass
@@ -100,13 +102,52 @@ def load(engine, args, *, universal: bool, load_optimizer: bool, restore_rng: bo
         return None
     if not (Path(folder) / tag).is_dir():
         raise CheckpointError(folder, f"latest{'_universal' if universal else ''} names {tag}, which does not exist")
-    path, client = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=False, load_module_only=not load_optimizer)
+    if not universal:
+        check_step(Path(folder) / tag, args)
+    from mtf_train.ckpt.client import ClientState
+    from mtf_train.ckpt.safe import UnsafeCheckpoint, guard_torch_load
+
+    try:
+        with guard_torch_load():  # DeepSpeed's torch.load(weights_only=False) calls, checked and allowlisted
+            path, client = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=load_optimizer,
+                                                  load_lr_scheduler_states=False,
+                                                  load_module_only=not load_optimizer)
+    except UnsafeCheckpoint as err:
+        raise CheckpointError(err.where, err.reason) from None
     if path is None:
         raise CheckpointError(folder, f"DeepSpeed could not load {tag}")
-    client = client or {}
-    progress = Progress(client.get("iteration", 0), client.get("consumed_train_samples", 0),
-                        dict(client.get("consumed_valid_samples", {})))
-    if restore_rng and "rng_state" in client:
-        set_rng_state(client["rng_state"])
+    state = ClientState.read(client or {})
+    progress = Progress(state.iteration or 0, state.consumed_train_samples,
+                        state.consumed_valid_samples if isinstance(state.consumed_valid_samples, dict)
+                        else AllGroups(state.consumed_valid_samples))
+    if restore_rng and state.rng and {"random", "numpy", "torch"} <= set(state.rng):
+        set_rng_state(state.rng)
     return progress, str(Path(folder) / tag)
+
+
+class AllGroups(dict):
+    """A 2022 checkpoint's one consumed-validation-samples counter, standing for every validation group."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def get(self, key, default=None):
+        return super().get(key, self.n)
+
+
+def check_step(step: Path, args) -> None:
+    """The step holds every file this run's model needs, at this run's shape (else DeepSpeed fails later
+    with a page of "key not found"); the files' bytes are checked as DeepSpeed reads them."""
+    from mtf_train.ckpt.layout import CkptError, locate
+
+    try:
+        ck = locate(step)
+        ck.check(args.num_layers, crc=False)
+    except CkptError as err:
+        raise CheckpointError(err.where, err.reason) from None
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if (ck.tp, ck.pp) != (tp, pp):
+        raise CheckpointError(str(step), f"saved at tp {ck.tp} x pp {ck.pp}, this run is tp {tp} x pp {pp}: "
+                              f"convert it with `mtf-train ckpt reshape {step} --tp {tp} --pp {pp} -o NEW` and "
+                              "load NEW (or use its universal form)")
