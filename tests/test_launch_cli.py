@@ -200,3 +200,59 @@ sys.exit(main([{TINY!r}, "--executor", "submitit", "--runs-dir", {str(tmp_path)!
     assert (run / "finished").exists() and "job=local finished: step 3 of 3" in (run / "events.log").read_text()
     assert (run / "checkpoints" / "latest").read_text().strip() == "global_step3"
     assert json.loads(mtf("status", str(run), "--json", check=True).stdout)["state"] == "finished"
+
+
+def test_runs_dir_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "runs"
+    f.write_text("")
+    for args in ([TINY, "--dry-run"], ["status"], ["resume"]):
+        line = one_line_error(mtf(*args, "--runs-dir", "runs", cwd=tmp_path))
+        assert line == f"mtf-train: error: {f}: is a file, not a folder (--runs-dir names the root of run folders)"
+    line = one_line_error(mtf(TINY, "--dry-run", env={"MTF_RUNS_DIR": str(f)}))
+    assert line.endswith("is a file, not a folder ($MTF_RUNS_DIR names the root of run folders)")
+
+
+def test_render_onto_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("x")
+    line = one_line_error(mtf("render", TINY, "-o", "out", cwd=tmp_path))
+    assert line == "mtf-train: error: out: -o: is a file; render writes a folder of files"
+    assert (tmp_path / "out").read_text() == "x"
+
+
+def test_resume_submits_a_slurm_run_again_and_says_why_it_cannot(tmp_path):
+    """`resume` of a dry-run folder goes through the run's own executor (slurm: sbatch), failing like a submission
+    where there is none; a run still running, or one that does not exist, is one line."""
+    mtf(TINY, "--dry-run", "--runs-dir", str(tmp_path), *TWO_NODES, "--set", "executor=slurm", check=True)
+    (run,) = runs_of(tmp_path)
+    assert json.loads(mtf("status", str(run), "--json", check=True).stdout)["resume"] == f"mtf-train resume {run}"
+    proc = mtf("resume", run.name, "--runs-dir", str(tmp_path), env={"PATH": "/nonexistent"})
+    assert proc.stdout.startswith(f"resuming {run} from its start (no checkpoint yet)")
+    assert one_line_failure(proc) == f"mtf-train: error: {run}: sbatch not found on PATH (use --executor local on a " \
+                                     f"single machine)"
+    assert "resume (slurm) from step 0" in (run / "events.log").read_text()
+    assert (run / "failures").read_text() == "0\n"
+    assert "no such run folder" in one_line_error(mtf("resume", "nope", "--runs-dir", str(tmp_path)))
+    # A local run whose launcher is this very test process: alive, so not resumable.
+    info = json.loads((run / "run.json").read_text())
+    info.update(executor="local", state="running", job_ids=[], host=os.uname().nodename, pid=os.getpid())
+    (run / "run.json").write_text(json.dumps(info))
+    assert "is still running" in one_line_error(mtf("resume", str(run)))
+
+
+def test_preflight_of_a_local_recipe_runs_here_not_through_sbatch(tmp_path):
+    """executor: local in the recipe keeps preflight on this machine even where sbatch exists (here: one that
+    would leave a mark if called)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\ntouch {tmp_path / 'sbatch-called'}\nexit 1\n")
+    sbatch.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = mtf("preflight", TINY, "--runs-dir", str(tmp_path / "runs"), "--seconds", "0.2", "--timeout", "300",
+               "--set", "cluster.gpus_per_node=1", env=env, timeout=360)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "sbatch-called").exists()
+    (run,) = [p for p in (tmp_path / "runs" / "tiny-local-preflight").iterdir() if not p.name.startswith(".")]
+    data = json.loads((run / "run.json").read_text())
+    assert data["executor"] == "local" and data["state"] == "completed" and data["job_ids"] == []
+    assert "slowest node:" in proc.stdout
