@@ -58,7 +58,7 @@ def test_round_trip_equals_tokenizing_by_hand(tmp_path, workers):
     assert got_in[3] == [] and got_tg[3][-1] == eod
     assert res.rows_written == res.rows_read == 5 and not res.skipped
     assert res.input_tokens == sum(map(len, want_in)) and res.target_tokens == sum(map(len, want_tg))
-    # The .idx is the mmap format of bloomz.md section 4: uint16 (code 8) under 65500 vocabulary entries.
+    # The .idx is megatron's mmap index format: uint16 (code 8) under 65500 vocabulary entries.
     head = (tmp_path / "out/xp3_fr_inputs_document.idx").read_bytes()[:34]
     assert head[:9] == b"MMIDIDX\x00\x00"
     assert struct.unpack("<QBQQ", head[9:34]) == (1, 8, 5, 6)

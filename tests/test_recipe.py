@@ -10,7 +10,7 @@ from mtf_train.recipe.load import dump_recipe, load_recipe
 from mtf_train.recipe.validate import validate
 from tests.helpers import RECIPES, mtf, one_line_error
 
-# bloomz.md section 1: layers, hidden, heads, pp, tp, nodes, dp, micro, global, dtype, zero.
+# The 2022 bloomz jobs (bigscience tr13): layers, hidden, heads, pp, tp, nodes, dp, micro, global, dtype, zero.
 SHIPPED = {
     "bloomz-560m": (24, 1024, 16, 1, 1, 4, 32, 1, 1024, "fp16", 1),
     "bloomz-1b1": (24, 1536, 16, 2, 1, 16, 64, 1, 1024, "fp16", 1),

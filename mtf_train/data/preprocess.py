@@ -1,4 +1,4 @@
-"""xP3 jsonl -> `P_inputs_document.{bin,idx}` and `P_targets_document.{bin,idx}` (bloomz.md section 4).
+"""xP3 jsonl -> `P_inputs_document.{bin,idx}` and `P_targets_document.{bin,idx}` (megatron's mmap indexed format).
 
 Inputs are tokenized as they are; targets with a leading space and the end-of-document token appended;
 one document per row. The four files are written under temporary names and renamed only when all are
