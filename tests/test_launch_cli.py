@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,15 @@ def test_preflight_of_a_local_recipe_runs_here_not_through_sbatch(tmp_path):
     data = json.loads((run / "run.json").read_text())
     assert data["executor"] == "local" and data["state"] == "completed" and data["job_ids"] == []
     assert "slowest node:" in proc.stdout
+
+
+def test_every_markdown_file_the_repository_names_is_in_it():
+    """Comments and docs point at files a reader has, not at notes kept elsewhere."""
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
+    names = {Path(f).name for f in tracked}
+    missing = []
+    for f in tracked:
+        if f.endswith((".py", ".md", ".yaml", ".j2", ".txt")) or f.startswith("scripts/"):
+            text = (ROOT / f).read_text(errors="replace")
+            missing += [f"{f}: {m}" for m in sorted(set(re.findall(r"\b([\w-]+\.md)\b", text))) if m not in names]
+    assert missing == []
