@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,57 @@ def test_every_markdown_file_the_repository_names_is_in_it():
             text = (ROOT / f).read_text(errors="replace")
             missing += [f"{f}: {m}" for m in sorted(set(re.findall(r"\b([\w-]+\.md)\b", text))) if m not in names]
     assert missing == []
+
+
+def test_submitit_without_slurm_stops_on_ctrl_c_and_resumes(tmp_path):
+    """submitit's local executor: Ctrl-C at the terminal (SIGINT to the foreground process group) reaches mtf-train
+    alone, which turns it into the kill switch: the job saves, the run is recorded as stopped, and `mtf-train
+    resume` finishes it from that checkpoint."""
+    code = f"""
+import sys
+from mtf_train.launch import slurm
+real = slurm.available
+slurm.available = lambda c="sbatch": False if c in ("srun", "sbatch") else real(c)
+from mtf_train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    args = [TINY, "--executor", "submitit", "--runs-dir", str(tmp_path), "--set", "eval.iters=0",
+            "--set", "training.train_iters=12", "--set", "checkpoint.interval=1000", "--set", "logging.log_interval=1"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    run = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "tiny-local").glob("2*/metrics.jsonl")) if (tmp_path / "tiny-local").exists() else []
+        if found and len(found[0].read_text().splitlines()) >= 2:
+            run = found[0].parent
+            break
+        time.sleep(0.3)
+    assert run is not None, proc.communicate(timeout=60)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out + err
+    info = json.loads((run / "run.json").read_text())
+    step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
+    assert info["state"] == "stopped" and step < 12 and not (run / "finished").exists()
+    assert f"stopped at step {step} of 12 (SIGINT); resume with: mtf-train resume {run}" in out
+    assert "Traceback" not in (run / "logs" / "main.log").read_text()
+    done = subprocess.run([sys.executable, "-c", code, "resume", str(run)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (run / "finished").exists() and json.loads((run / "run.json").read_text())["state"] == "completed"
+    steps = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 12 and sorted(set(steps)) == list(range(1, 13))
+
+
+def test_trainer_refuses_deepspeed_activation_checkpointing_alone():
+    """The flag picks how recomputation is done; without --checkpoint-activations it would be silently ignored."""
+    args = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+            "--tokenizer-name-or-path", "x", "--train-weighted-split-paths-path", "p",
+            "--deepspeed-activation-checkpointing"]
+    proc = subprocess.run([sys.executable, "-m", "mtf_train.train", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "mtf_train.train: error: mtf_train.train: --deepspeed-activation-checkpointing needs --checkpoint-activations")

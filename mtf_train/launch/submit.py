@@ -195,8 +195,14 @@ def _submit_submitit(r: Recipe, shape: Shape, run_dir: Path, chain: int | None, 
             params = dict(timeout_min=minutes, nodes=1, tasks_per_node=1, signal_delay_s=c.signal_margin_s,
                           setup=list(r.environment.setup))
         ex.update_parameters(**params)
-        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
-            job = ex.submit(task)
+        # A local job's processes inherit an ignored SIGINT: a Ctrl-C at the terminal is this process's to handle.
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if not on_slurm else None
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
+                job = ex.submit(task)
+        finally:
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
     except SubmitError:
         raise
     except Exception as err:  # submitit wraps sbatch's failure; report sbatch's own words on one line
@@ -217,6 +223,23 @@ def _submit_submitit(r: Recipe, shape: Shape, run_dir: Path, chain: int | None, 
         return 0
     # submitit's local executor: the job is a child of this process, so wait for it like executor local.
     print(f"running on this machine through submitit (job {job.job_id}); logs in {run_dir / 'logs'}", flush=True)
+    stops: list[str] = []
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        stops.append(name)
+        if len(stops) == 1:
+            print(f"\nmtf-train: {name}: saving a checkpoint, then stopping (send it again to stop at once, "
+                  f"without saving)", file=sys.stderr, flush=True)
+            info.event(f"{name}: touched the kill switch: save and exit")
+            (run_dir / "kill-switch").touch()
+            return
+        print(f"mtf-train: {name} again: killing the job without saving", file=sys.stderr, flush=True)
+        info.event(f"{name} again: killed the job without saving")
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int((run_dir / "job.pid").read_text()), signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         job.result()
         state, code, error = ("completed" if (run_dir / "finished").exists() else "stopped"), 0, None
@@ -224,11 +247,17 @@ def _submit_submitit(r: Recipe, shape: Shape, run_dir: Path, chain: int | None, 
         state, code = "failed", 1
         error = last_failure(run_dir) or slurm.one_line(str(err).splitlines()[-1] if str(err) else "")
         print(f"mtf-train: error: {run_dir}: {error}", file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stops and state == "failed" and len(stops) > 1:
+        state, error = "stopped", f"killed by {stops[-1]} without saving"
     info.update(state=state, exit_code=code, error=error)
     info.event(f"submitit local job {state}")
     if state == "stopped":
-        print(f"stopped at step {_saved_step(run_dir) or 0} of {info.read().get('train_iters')}, checkpoint saved; "
-              f"resume with: mtf-train resume {run_dir}")
+        print(f"stopped at step {_saved_step(run_dir) or 0} of {info.read().get('train_iters')}"
+              + (f" ({stops[0]})" if stops else "") + f"; resume with: mtf-train resume {run_dir}")
+        return 128 + int(getattr(signal, stops[0])) if stops else 0
     return code
 
 
