@@ -51,8 +51,16 @@ def cmd_validate(args) -> int:
 def cmd_render(args) -> int:
     from mtf_train.render.job import render_job
 
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():  # checked before anything is written
+        raise UserError(args.output, "-o: is a file; render writes a folder of files")
     recipe, shape, plan = _load(args, check_data=args.check_data)
-    rendered = render_job(recipe, shape, plan, args.output)
+    try:
+        rendered = render_job(recipe, shape, plan, args.output)
+    except OSError as err:
+        raise UserError(str(err.filename or args.output), f"-o: cannot write: {err.strerror or err}") from None
     print(f"rendered {len(rendered.files)} files into {rendered.run_dir}")
     for f in rendered.files:
         print(f"  {f}")
@@ -74,10 +82,17 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from mtf_train import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtf-train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Multitask finetuning of BLOOM models, from recipe to checkpoint.\n\n" + SUBMIT_HELP)
+    parser.add_argument("--version", action="version", version=f"mtf-train {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("submit", help="validate, render into a run folder and submit (same as `mtf-train RECIPE`)")

@@ -1,7 +1,7 @@
 """The plan: everything derived from a recipe before a job is submitted.
 
-Shape and batch arithmetic, parameter counts, memory per GPU, FLOPs and time. Formulas are those of
-bloomz.md section 7: Narayanan et al. 2021 for FLOPs, Korthikanti et al. 2022 for activation memory.
+Shape and batch arithmetic, parameter counts, memory per GPU, FLOPs and time. Formulas:
+Narayanan et al. 2021 (arXiv:2104.04473) for FLOPs, Korthikanti et al. 2022 (arXiv:2205.05198) for activation memory.
 Pure Python: the CLI's plan path must not import torch.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def derive_shape(r: Recipe) -> Shape:
 
     zero = r.precision.zero_stage
     if r.runtime.kind == "mtf_train" and r.precision.dtype == "bf16":
-        zero = 1  # current DeepSpeed: BF16_Optimizer resumes only as ZeRO-1 + fp32 grad accumulation (stack.md)
+        zero = 1  # current DeepSpeed: BF16_Optimizer resumes only as ZeRO-1 + fp32 grad accumulation
 
     method = r.parallel.partition_method
     units = r.model.num_layers + (2 if method == "type:transformer|embedding" else 0)

@@ -79,3 +79,46 @@ def test_index_bad_recipe_is_one_line(tmp_path):
     assert "missing" in err
     err = one_line_error(mtf("data", "index", str(tmp_path / "nope.yaml")))
     assert "nope.yaml" in err
+
+
+def _cut(path, size):
+    with open(path, "r+b") as fh:
+        fh.truncate(size)
+
+
+def test_a_bin_cut_short_is_one_line_in_every_check(tmp_path):
+    """A .bin cut to half (or emptied) no longer fits its .idx: data check, validate --check-data, data index and
+    a local run each say so in one line naming the file, before any trainer starts."""
+    data = _copy_sample(tmp_path)
+    bin_ = data / "xp3_fr_targets_document.bin"
+    full = bin_.stat().st_size
+    for size in (full // 2, 0):
+        _cut(bin_, size)
+        why = f"{bin_}: holds {size:,} bytes but xp3_fr_targets_document.idx describes {full:,}"
+        proc = mtf("data", "check", "sample_train.txt", "--root", str(data), cwd=ROOT / "data_paths")
+        assert "1 problem(s)" in one_line_error(proc)
+        assert f"problem: {why}" in proc.stdout and "cut short" in proc.stdout
+        # Relative recipe path from another folder.
+        sets = ["--set", f"data.root={data}"]
+        line = one_line_error(mtf("validate", "../recipes/tiny-local.yaml", "--check-data", *sets, cwd=ROOT / "docs"))
+        assert line.startswith(f"mtf-train: error: --set data.root={data}: data.root: {why}"), line
+        line = one_line_error(mtf("data", "index", TINY, *sets, "--cache-dir", str(tmp_path / "cache")))
+        assert why in line
+        runs = tmp_path / "runs"
+        line = one_line_error(mtf("run", TINY, "--runs-dir", str(runs), *sets))
+        assert why in line and not runs.exists()
+    # Longer than its index: also refused.
+    shutil.copy(SAMPLE_DIR / bin_.name, bin_)
+    with open(bin_, "ab") as fh:
+        fh.write(b"\0\0")
+    assert "larger than its index says" in one_line_error(
+        mtf("validate", TINY, "--check-data", "--set", f"data.root={data}"))
+
+
+def test_a_local_run_checks_its_data_root_before_starting(tmp_path):
+    runs = tmp_path / "runs"
+    proc = mtf(TINY, "--runs-dir", str(runs), "--set", f"data.root={tmp_path / 'nowhere'}", timeout=60)
+    line = one_line_error(proc)
+    assert line == f"mtf-train: error: --set data.root={tmp_path / 'nowhere'}: data.root: folder not found: " \
+                   f"{tmp_path / 'nowhere'}"
+    assert not runs.exists()  # nothing rendered, no torchrun started

@@ -26,7 +26,7 @@ def test_xp3_weights_are_the_2022_weights():
     valid = read_path_file(PATHS / "xp3capmixnewcodelong_validation.txt")[0]
     assert (train.name, valid.name, len(train.entries)) == ("train", "validation", 46)
     w = {e.prefix.removeprefix("xp3_"): e.weight_text for e in train.entries}
-    assert w["en"] == "0.3924620202" and w["zh"] == "0.048344327"  # bloomz.md section 3
+    assert w["en"] == "0.3924620202" and w["zh"] == "0.048344327"  # the weights of bigscience's 2022 xp3capmixnewcodelong files
     assert round(sum(map(float, w.values())), 10) == pytest.approx(1.0136844229, abs=2e-10)
     order = [e.prefix for e in train.entries]
     assert order.index("xp3_pt") + 1 == order.index("xp3_code") == order.index("xp3_fr") - 1

@@ -58,7 +58,7 @@ def test_round_trip_equals_tokenizing_by_hand(tmp_path, workers):
     assert got_in[3] == [] and got_tg[3][-1] == eod
     assert res.rows_written == res.rows_read == 5 and not res.skipped
     assert res.input_tokens == sum(map(len, want_in)) and res.target_tokens == sum(map(len, want_tg))
-    # The .idx is the mmap format of bloomz.md section 4: uint16 (code 8) under 65500 vocabulary entries.
+    # The .idx is megatron's mmap index format: uint16 (code 8) under 65500 vocabulary entries.
     head = (tmp_path / "out/xp3_fr_inputs_document.idx").read_bytes()[:34]
     assert head[:9] == b"MMIDIDX\x00\x00"
     assert struct.unpack("<QBQQ", head[9:34]) == (1, 8, 5, 6)
@@ -280,3 +280,35 @@ def test_shipped_sample_is_reproduced_byte_for_byte(tmp_path):
             assert (tmp_path / name).read_bytes() == (SAMPLE_DIR / name).read_bytes(), name
         n = MTFPair(str(SAMPLE_DIR / f"xp3_{ds}")).check()
         assert 200 <= n <= 400
+
+
+def test_rows_longer_than_the_bound_are_skipped_and_listed(tmp_path):
+    """The long-row policy: rows over --max-tokens are skipped and listed; a row far over it (more bytes than any
+    text of that many tokens) is skipped without being tokenized. Typed as a user would, from the data folder."""
+    long_text = "word " * 60                      # about 60 tokens: tokenized, then skipped
+    huge = "x" * (40 * 32 + 100)                # over 32 bytes per allowed token: never tokenized
+    rows = ROWS + [{"inputs": long_text, "targets": "ok"}, {"inputs": huge, "targets": "ok"}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    proc = mtf("data", "preprocess", "-i", "in.jsonl", "-o", "out/o", "-t", TOK, "--workers", "0",
+               "--max-tokens", "40", cwd=tmp_path, check=True)
+    assert "7 read, 5 written, 2 skipped (longer than 40 tokens: 2)" in proc.stdout
+    lines = (tmp_path / "out" / "o_skipped.txt").read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("in.jsonl:6: longer than 40 tokens (") and "tokens)" in lines[0]
+    size = int(lines[1].split("(")[1].split()[0].replace(",", ""))
+    assert lines[1] == f"in.jsonl:7: longer than 40 tokens ({size:,} bytes, not tokenized)" and size > len(huge)
+    got_in, _ = _read(tmp_path / "out" / "o")
+    assert len(got_in) == 5
+    # 0 lifts the bound; the default (131072) keeps both rows of this file.
+    for extra in (["--max-tokens", "0"], []):
+        out = mtf("data", "preprocess", "-i", "in.jsonl", "-o", "all/o", "-t", TOK, "--workers", "0", *extra,
+                  cwd=tmp_path, check=True).stdout
+        assert "7 read, 7 written, 0 skipped" in out
+    assert "must be 0 (no bound) or more" in one_line_error(
+        mtf("data", "preprocess", "-i", "in.jsonl", "-o", "x/o", "-t", TOK, "--max-tokens", "-1", cwd=tmp_path))
+
+
+def test_mixture_output_onto_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    line = one_line_error(mtf("data", "mixture", str(ROOT / "data_paths" / "sample_mixture.yaml"), "-o", "f",
+                              cwd=tmp_path))
+    assert line == "mtf-train: error: f: -o: is a file; the path files are written into a folder"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +203,125 @@ sys.exit(main([{TINY!r}, "--executor", "submitit", "--runs-dir", {str(tmp_path)!
     assert (run / "finished").exists() and "job=local finished: step 3 of 3" in (run / "events.log").read_text()
     assert (run / "checkpoints" / "latest").read_text().strip() == "global_step3"
     assert json.loads(mtf("status", str(run), "--json", check=True).stdout)["state"] == "finished"
+
+
+def test_runs_dir_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "runs"
+    f.write_text("")
+    for args in ([TINY, "--dry-run"], ["status"], ["resume"]):
+        line = one_line_error(mtf(*args, "--runs-dir", "runs", cwd=tmp_path))
+        assert line == f"mtf-train: error: {f}: is a file, not a folder (--runs-dir names the root of run folders)"
+    line = one_line_error(mtf(TINY, "--dry-run", env={"MTF_RUNS_DIR": str(f)}))
+    assert line.endswith("is a file, not a folder ($MTF_RUNS_DIR names the root of run folders)")
+
+
+def test_render_onto_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("x")
+    line = one_line_error(mtf("render", TINY, "-o", "out", cwd=tmp_path))
+    assert line == "mtf-train: error: out: -o: is a file; render writes a folder of files"
+    assert (tmp_path / "out").read_text() == "x"
+
+
+def test_resume_submits_a_slurm_run_again_and_says_why_it_cannot(tmp_path):
+    """`resume` of a dry-run folder goes through the run's own executor (slurm: sbatch), failing like a submission
+    where there is none; a run still running, or one that does not exist, is one line."""
+    mtf(TINY, "--dry-run", "--runs-dir", str(tmp_path), *TWO_NODES, "--set", "executor=slurm", check=True)
+    (run,) = runs_of(tmp_path)
+    assert json.loads(mtf("status", str(run), "--json", check=True).stdout)["resume"] == f"mtf-train resume {run}"
+    proc = mtf("resume", run.name, "--runs-dir", str(tmp_path), env={"PATH": "/nonexistent"})
+    assert proc.stdout.startswith(f"resuming {run} from its start (no checkpoint yet)")
+    assert one_line_failure(proc) == f"mtf-train: error: {run}: sbatch not found on PATH (use --executor local on a " \
+                                     f"single machine)"
+    assert "resume (slurm) from step 0" in (run / "events.log").read_text()
+    assert (run / "failures").read_text() == "0\n"
+    assert "no such run folder" in one_line_error(mtf("resume", "nope", "--runs-dir", str(tmp_path)))
+    # A local run whose launcher is this very test process: alive, so not resumable.
+    info = json.loads((run / "run.json").read_text())
+    info.update(executor="local", state="running", job_ids=[], host=os.uname().nodename, pid=os.getpid())
+    (run / "run.json").write_text(json.dumps(info))
+    assert "is still running" in one_line_error(mtf("resume", str(run)))
+
+
+def test_preflight_of_a_local_recipe_runs_here_not_through_sbatch(tmp_path):
+    """executor: local in the recipe keeps preflight on this machine even where sbatch exists (here: one that
+    would leave a mark if called)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\ntouch {tmp_path / 'sbatch-called'}\nexit 1\n")
+    sbatch.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = mtf("preflight", TINY, "--runs-dir", str(tmp_path / "runs"), "--seconds", "0.2", "--timeout", "300",
+               "--set", "cluster.gpus_per_node=1", env=env, timeout=360)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "sbatch-called").exists()
+    (run,) = [p for p in (tmp_path / "runs" / "tiny-local-preflight").iterdir() if not p.name.startswith(".")]
+    data = json.loads((run / "run.json").read_text())
+    assert data["executor"] == "local" and data["state"] == "completed" and data["job_ids"] == []
+    assert "slowest node:" in proc.stdout
+
+
+def test_every_markdown_file_the_repository_names_is_in_it():
+    """Comments and docs point at files a reader has, not at notes kept elsewhere."""
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
+    names = {Path(f).name for f in tracked}
+    missing = []
+    for f in tracked:
+        if f.endswith((".py", ".md", ".yaml", ".j2", ".txt")) or f.startswith("scripts/"):
+            text = (ROOT / f).read_text(errors="replace")
+            missing += [f"{f}: {m}" for m in sorted(set(re.findall(r"\b([\w-]+\.md)\b", text))) if m not in names]
+    assert missing == []
+
+
+def test_submitit_without_slurm_stops_on_ctrl_c_and_resumes(tmp_path):
+    """submitit's local executor: Ctrl-C at the terminal (SIGINT to the foreground process group) reaches mtf-train
+    alone, which turns it into the kill switch: the job saves, the run is recorded as stopped, and `mtf-train
+    resume` finishes it from that checkpoint."""
+    code = f"""
+import sys
+from mtf_train.launch import slurm
+real = slurm.available
+slurm.available = lambda c="sbatch": False if c in ("srun", "sbatch") else real(c)
+from mtf_train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    args = [TINY, "--executor", "submitit", "--runs-dir", str(tmp_path), "--set", "eval.iters=0",
+            "--set", "training.train_iters=12", "--set", "checkpoint.interval=1000", "--set", "logging.log_interval=1"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    run = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "tiny-local").glob("2*/metrics.jsonl")) if (tmp_path / "tiny-local").exists() else []
+        if found and len(found[0].read_text().splitlines()) >= 2:
+            run = found[0].parent
+            break
+        time.sleep(0.3)
+    assert run is not None, proc.communicate(timeout=60)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out + err
+    info = json.loads((run / "run.json").read_text())
+    step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
+    assert info["state"] == "stopped" and step < 12 and not (run / "finished").exists()
+    assert f"stopped at step {step} of 12 (SIGINT); resume with: mtf-train resume {run}" in out
+    assert "Traceback" not in (run / "logs" / "main.log").read_text()
+    done = subprocess.run([sys.executable, "-c", code, "resume", str(run)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (run / "finished").exists() and json.loads((run / "run.json").read_text())["state"] == "completed"
+    steps = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 12 and sorted(set(steps)) == list(range(1, 13))
+
+
+def test_trainer_refuses_deepspeed_activation_checkpointing_alone():
+    """The flag picks how recomputation is done; without --checkpoint-activations it would be silently ignored."""
+    args = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+            "--tokenizer-name-or-path", "x", "--train-weighted-split-paths-path", "p",
+            "--deepspeed-activation-checkpointing"]
+    proc = subprocess.run([sys.executable, "-m", "mtf_train.train", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "mtf_train.train: error: mtf_train.train: --deepspeed-activation-checkpointing needs --checkpoint-activations")

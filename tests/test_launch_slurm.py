@@ -23,8 +23,8 @@ TINY = str(RECIPES / "tiny-local.yaml")
 STEPS = 30
 BASE = ["cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.partition=debug", "eval.iters=0",
         "logging.log_interval=1", "checkpoint.interval=1000", f"training.train_iters={STEPS}",
-        # first-run flags: they must be dropped by every job after the first checkpoint
-        "checkpoint.no_load_optim=true", "checkpoint.reset_progress=true"]
+        # first-run flags: they must be dropped by every job after the first checkpoint (from random weights here)
+        "checkpoint.no_load_optim=true", "checkpoint.reset_progress=true", "checkpoint.from_scratch=true"]
 
 
 def free_port() -> int:
@@ -191,6 +191,50 @@ def test_chain_stops_on_the_pre_timeout_signal_and_resumes_exactly(straight, clu
     # The loss continues exactly: the same floats as the uninterrupted run, step for step.
     assert losses(run) == losses(straight["run"])
     assert status(run)["state"] == "finished"
+
+
+def test_a_stopped_sbatch_run_resumes_with_one_command(straight, cluster: SlurmCluster, tmp_path):
+    """A run of one job, stopped by the pre-timeout signal: status says how to resume it, and `mtf-train resume`
+    (typed from another folder, the run named relative to it) submits the next job, which finishes with the
+    same losses as the uninterrupted run."""
+    run, _ = submit(tmp_path / "runs")
+    (job1,) = info(run)["job_ids"]
+    wait_for_step(run, 3)
+    cluster.run("scancel", "--batch", "--signal=USR1", job1)
+    assert cluster.wait_job(job1, timeout=120) == "COMPLETED", diagnose(run)
+    s = status(run)
+    assert s["state"] == "stopped" and s["resume"] == f"mtf-train resume {run}", s
+    assert f"resume with: mtf-train resume {run}" in mtf("status", str(run), check=True).stdout
+    proc = mtf("resume", f"tiny-local/{run.name}", "--runs-dir", "runs", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = info(run)["job_ids"]
+    assert len(ids) == 2 and ids[0] == job1 and f"submitted job {ids[1]}" in proc.stdout
+    assert cluster.wait_job(ids[1], timeout=180) == "COMPLETED", diagnose(run)
+    assert losses(run) == losses(straight["run"])
+    assert status(run)["state"] == "finished"
+    assert "nothing to resume" in mtf("resume", str(run)).stderr
+
+
+def test_a_cancelled_submitit_run_resumes_with_one_command(straight, cluster: SlurmCluster, tmp_path):
+    """`mtf-train cancel` (scancel: TERM, the kill switch, a save) then `mtf-train resume`: a new submitit job
+    resumes from the save and finishes with the same losses as the uninterrupted run."""
+    run, _ = submit(tmp_path / "runs", executor="submitit")
+    (job1,) = info(run)["job_ids"]
+    wait_for_step(run, 3)
+    assert f"cancelled job(s) {job1}" in mtf("cancel", str(run), check=True).stdout
+    assert cluster.wait_job(job1, timeout=120) == "CANCELLED"
+    s = status(run)
+    assert s["state"] == "cancelled" and s["resume"] == f"mtf-train resume {run}", s
+    proc = mtf("resume", str(run), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = info(run)["job_ids"]
+    assert len(ids) == 2 and f"submitted job {ids[1]} through submitit" in proc.stdout
+    wait_until(lambda: (run / "finished").exists(), 240, f"resumed submitit run {run} to finish\n{diagnose(run)}")
+    assert losses(run)[-1][0] == STEPS
+    # Steps run twice (trained past the last save before the cancel) are logged twice; the resumed ones equal
+    # the uninterrupted run's.
+    resumed = {i: x for i, x in losses(run)}
+    assert sorted(resumed.items()) == losses(straight["run"])
 
 
 def test_cancel_stops_the_whole_chain(cluster: SlurmCluster, tmp_path):

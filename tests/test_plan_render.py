@@ -90,7 +90,7 @@ print("HEAVY", heavy)
     assert "HEAVY []" in out.stdout
 
 
-# bloomz.md section 2: every argument and value of the 2022 job (paths come from the recipe).
+# The 2022 bloomz-176b job (bigscience tr13f): every argument and value of the 2022 job (paths come from the recipe).
 ARGS_2022 = """--universal-checkpoint --tensor-model-parallel-size 1 --pipeline-model-parallel-size 72
 --pp-partition-method type:transformer|embedding --num-layers 70 --hidden-size 14336 --num-attention-heads 112
 --seq-length 2048 --max-position-embeddings 2048 --micro-batch-size 1 --global-batch-size 2048

@@ -10,7 +10,7 @@ from mtf_train.recipe.load import dump_recipe, load_recipe
 from mtf_train.recipe.validate import validate
 from tests.helpers import RECIPES, mtf, one_line_error
 
-# bloomz.md section 1: layers, hidden, heads, pp, tp, nodes, dp, micro, global, dtype, zero.
+# The 2022 bloomz jobs (bigscience tr13): layers, hidden, heads, pp, tp, nodes, dp, micro, global, dtype, zero.
 SHIPPED = {
     "bloomz-560m": (24, 1024, 16, 1, 1, 4, 32, 1, 1024, "fp16", 1),
     "bloomz-1b1": (24, 1536, 16, 2, 1, 16, 64, 1, 1024, "fp16", 1),
@@ -199,3 +199,77 @@ def test_cli_bad_recipe_is_one_line_exit_2(tmp_path):
     write(tmp_path, "broken.yaml", "model: {num_layers: 2\n")
     assert "invalid YAML" in one_line_error(mtf("plan", str(tmp_path / "broken.yaml")))
     assert "expected KEY.PATH=VALUE" in one_line_error(mtf("plan", str(p), "--set", "novalue"))
+
+
+# ------------------------------------------------------------------ issue 12: what a recipe must say, and who is blamed
+
+def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path):
+    p = write(tmp_path, "dup.yaml", f"""\
+        base: {RECIPES / 'tiny-local.yaml'}
+        model:
+          num_layers: 2
+          num_layers: 4
+        """)
+    line = one_line_error(mtf("validate", str(p)))
+    assert line == f"mtf-train: error: {p}: line 4, column 3: invalid YAML: duplicate key 'num_layers' (first at line 3)"
+    p = write(tmp_path, "dup2.yaml", f"base: {RECIPES / 'tiny-local.yaml'}\nmodel: {{}}\nmodel: {{num_layers: 3}}\n")
+    assert "duplicate key 'model' (first at line 2)" in one_line_error(mtf("plan", str(p)))
+
+
+@pytest.mark.parametrize("sets, reason", [
+    (["base=bloomz-base.yaml"], "base cannot be overridden"),
+    (["modle.num_layers=3"], "modle: unknown field; did you mean model?"),
+    (["data.tokenizer=/nonexistent"], "data.tokenizer: folder not found: /nonexistent"),
+    (["cluster.time=00:05:00"], "cluster.time: signal_margin_s 300 s is not shorter than the time limit 00:05:00"),
+    (["cluster.time=00:12:00", "training.exit_duration_in_mins=5"], "save_margin_mins 10"),
+])
+def test_set_errors_blame_the_set(tmp_path, sets, reason):
+    """Typed as a user types them, from another folder with a relative recipe path."""
+    args = ["validate", "../recipes/tiny-local.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    line = one_line_error(mtf(*args, cwd=RECIPES.parent / "docs"))
+    assert line.startswith(f"mtf-train: error: --set {sets[-1]}: "), line
+    assert reason in line, line
+
+
+@pytest.mark.parametrize("sets, field, reason", [
+    (["model.embed_layernorm=false"], "model.embed_layernorm", "not supported by the built-in trainer"),
+    (["parallel.sync_tp_duplicated_parameters=false"], "parallel.sync_tp_duplicated_parameters",
+     "not supported by the built-in trainer"),
+    (["data.dataloader_type=cyclic"], "data.dataloader_type", "not supported by the built-in trainer"),
+])
+def test_settings_the_built_in_trainer_lacks_are_refused(tmp_path, sets, field, reason):
+    line = one_line_error(mtf("validate", str(RECIPES / "tiny-local.yaml"), *[a for s in sets for a in ("--set", s)]))
+    assert f"--set {sets[0]}: {field}: " in line and reason in line, line
+    # The Megatron-DeepSpeed runtime has them: the same settings pass there.
+    r = load_recipe(RECIPES / "bloomz-7b1.yaml", sets + ["runtime.kind=megatron_deepspeed",
+                                                       "runtime.megatron_deepspeed_dir=/opt/mds"])
+    validate(r)
+
+
+def test_a_finetune_names_what_it_starts_from(tmp_path):
+    # Every shipped BLOOMZ recipe names its pretrained checkpoint.
+    for name in ("bloomz-560m", "bloomz-1b1", "bloomz-1b7", "bloomz-3b", "bloomz-7b1", "bloomz-176b"):
+        r = load_recipe(RECIPES / f"{name}.yaml")
+        assert r.checkpoint.load and r.checkpoint.no_load_optim and r.checkpoint.reset_progress, name
+    bloomz = str(RECIPES / "bloomz-560m.yaml")
+    line = one_line_error(mtf("validate", bloomz, "--set", "checkpoint.load=null"))
+    assert line.startswith("mtf-train: error: --set checkpoint.load=null: checkpoint.load: a finetune "
+                           "(no_load_optim, reset_progress) must name the checkpoint it starts from"), line
+    assert "checkpoint.from_scratch: true" in line
+    out = mtf("validate", bloomz, "--set", "checkpoint.load=null", "--set", "checkpoint.from_scratch=true",
+              check=True).stdout
+    assert "valid" in out
+    line = one_line_error(mtf("validate", bloomz, "--set", "checkpoint.from_scratch=true"))
+    assert "checkpoint.from_scratch: contradicts checkpoint.load" in line
+    # First-run flags on the tiny recipe need the same.
+    line = one_line_error(mtf("validate", str(RECIPES / "tiny-local.yaml"), "--set", "checkpoint.reset_progress=true"))
+    assert "a finetune (reset_progress) must name the checkpoint" in line
+
+
+def test_version():
+    from mtf_train import __version__
+
+    proc = mtf("--version", check=True)
+    assert proc.stdout.strip() == f"mtf-train {__version__}"

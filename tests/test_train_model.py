@@ -359,7 +359,7 @@ def test_state_dict_names_and_no_extra_state(tp1):
 
 
 def test_layer_specs_order_and_partition_regex(tp1):
-    """Indices as in bloomz.md section 6, and which specs DeepSpeed's `type:transformer|embedding` counts
+    """Indices of the bigscience layout (1 tied embedding, 3.. blocks, L+4 final norm), and which specs DeepSpeed's `type:transformer|embedding` counts
     (its `_find_layer_type`: case-insensitive regex search over class or function names)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 

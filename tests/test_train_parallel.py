@@ -54,7 +54,7 @@ def test_pipeline_matches_plain_model(tmp_path, tp, pp, dp, universal):
         assert len(r["losses"]) == 2 and max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"])) < 1e-5
         assert r["losses"][0] != r["losses"][1]  # the optimizer step changed the model
         assert all(r["mpu"].values()), r["mpu"]
-    # Layer files with the model axis, bigscience indices and keys (bloomz.md section 6), no _extra_state.
+    # Layer files with the model axis, bigscience indices and keys, no _extra_state.
     layer_files = reports[0]["layer_files"]
     expected = {f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in (1, 3, 4, 5, 6, 8) for t in range(tp)}
     assert set(layer_files) == expected

@@ -14,6 +14,11 @@ import numpy as np
 
 _TOK = None
 _EOD = None
+_MAX_TOKENS = 0  # rows with more tokens (inputs + targets + end of document) are skipped; 0 = no bound
+# A line this many bytes per allowed token is skipped without tokenizing: BLOOM's tokenizer averages about
+# 4 bytes per token, and even JSON-escaped CJK text stays near 12, so such a row holds more tokens than the
+# bound whatever its text, and tokenizing it (a 50 MB row: minutes and gigabytes) would only confirm it.
+MAX_BYTES_PER_TOKEN = 32
 
 
 @dataclass
@@ -27,8 +32,8 @@ class ChunkResult:
     bad: list
 
 
-def init_worker(tokenizer_json: str, eod_id: int, ignore_sigint: bool = True) -> None:
-    global _TOK, _EOD
+def init_worker(tokenizer_json: str, eod_id: int, ignore_sigint: bool = True, max_tokens: int = 0) -> None:
+    global _TOK, _EOD, _MAX_TOKENS
     from tokenizers import Tokenizer
 
     if ignore_sigint:
@@ -38,6 +43,7 @@ def init_worker(tokenizer_json: str, eod_id: int, ignore_sigint: bool = True) ->
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = Tokenizer.from_str(tokenizer_json)
     _EOD = eod_id
+    _MAX_TOKENS = max_tokens
 
 
 def check_row(line: bytes):
@@ -73,7 +79,11 @@ def _flatten(id_lists, extra=None):
 
 def tokenize_chunk(lines: list) -> ChunkResult:
     inputs, targets, good, bad = [], [], [], []
+    too_long = f"longer than {_MAX_TOKENS:,} tokens"
     for pos, line in enumerate(lines):
+        if _MAX_TOKENS and len(line) > _MAX_TOKENS * MAX_BYTES_PER_TOKEN:
+            bad.append((pos, too_long, f"{len(line):,} bytes, not tokenized"))
+            continue
         pair, problem = check_row(line)
         if pair is None:
             bad.append((pos, *problem))
@@ -84,6 +94,13 @@ def tokenize_chunk(lines: list) -> ChunkResult:
             good.append(pos)
     enc_in = [e.ids for e in _TOK.encode_batch_fast(inputs, add_special_tokens=False)] if inputs else []
     enc_tg = [e.ids for e in _TOK.encode_batch_fast(targets, add_special_tokens=False)] if targets else []
+    if _MAX_TOKENS:
+        sizes = [len(a) + len(b) + 1 for a, b in zip(enc_in, enc_tg)]  # + the end-of-document token
+        keep = [i for i, n in enumerate(sizes) if n <= _MAX_TOKENS]
+        if len(keep) < len(sizes):
+            bad += [(good[i], too_long, f"{n:,} tokens") for i, n in enumerate(sizes) if n > _MAX_TOKENS]
+            bad.sort()
+            enc_in, enc_tg, good = [enc_in[i] for i in keep], [enc_tg[i] for i in keep], [good[i] for i in keep]
     in_tok, in_len = _flatten(enc_in)
     tg_tok, tg_len = _flatten(enc_tg, extra=_EOD)
     return ChunkResult(in_tok, in_len, tg_tok, tg_len, np.asarray(good, dtype=np.int64), bad)

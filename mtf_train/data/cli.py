@@ -31,6 +31,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shuffle", action="store_true", help="shuffle the rows with --seed (shuf)")
     p.add_argument("--seed", type=int, default=1234, help="seed of --shuffle (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="skip (and list) rows of more than N tokens, inputs + targets; 0: no bound "
+                   "(default: 131072, far beyond any sequence length a finetune packs)")
     p.add_argument("--report", metavar="FILE", help="where skipped rows are listed (default: P_skipped.txt)")
     p.add_argument("--write-merged", metavar="FILE",
                    help="also write the merged (de-duplicated, shuffled) jsonl, e.g. to measure its size")
@@ -92,7 +95,8 @@ def cmd_preprocess(args) -> int:
     try:
         res = preprocess(args.input, args.output_prefix, args.tokenizer, workers=args.workers, dedup=args.dedup,
                          shuffle=args.shuffle, seed=args.seed, strict=args.strict, progress=args.progress,
-                         report=args.report, merged_jsonl=args.write_merged, tmp_dir=args.tmp_dir)
+                         report=args.report, merged_jsonl=args.write_merged, tmp_dir=args.tmp_dir,
+                         **({} if args.max_tokens is None else {"max_tokens": args.max_tokens}))
     except Interrupted:
         return _interrupted()
     except OSError as err:  # e.g. a full disk while writing

@@ -72,7 +72,9 @@ class MTFPair:
         return open_indexed(doc_prefix(self.prefix, "targets"))
 
     def check(self) -> int:
-        """Number of documents; raises DataError unless both halves agree."""
+        """Number of documents; raises DataError unless both halves agree and each .idx fits its .bin."""
+        for kind in KINDS:
+            check_sizes(doc_prefix(self.prefix, kind))
         n_in, n_tg = len(self.inputs), len(self.targets)
         if n_in != n_tg:
             raise DataError(self.prefix, f"inputs hold {n_in} documents but targets hold {n_tg}")
@@ -94,3 +96,44 @@ class MTFPair:
 
     def __setstate__(self, state):
         self.prefix = state["prefix"]
+
+
+# megatron-core's mmap index: a header, then int32 sequence lengths, int64 byte offsets into the .bin and int64
+# document indices. Read here with numpy alone, so that recipe checks need no torch/megatron import.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+
+
+def check_sizes(path_prefix: str) -> int:
+    """Sequences in `path_prefix.idx`; raises DataError when the .idx is malformed or does not describe its .bin
+    byte for byte (a copy cut short, a .bin from another run), which the trainer would otherwise meet as an
+    error deep inside megatron, naming no file."""
+    idx, bin_ = path_prefix + ".idx", path_prefix + ".bin"
+    for f in (bin_, idx):
+        if not os.path.isfile(f):
+            raise DataError(f, "missing")
+    try:
+        with open(idx, "rb") as fh:
+            head = fh.read(len(_IDX_MAGIC) + 8 + 1 + 8 + 8)
+            if len(head) < len(_IDX_MAGIC) + 25 or head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
+                raise DataError(idx, "not a megatron indexed-dataset index (bad header)")
+            code = head[len(_IDX_MAGIC) + 8]
+            count = int.from_bytes(head[len(_IDX_MAGIC) + 9:len(_IDX_MAGIC) + 17], "little")
+            if code not in _IDX_DTYPES:
+                raise DataError(idx, f"unknown token dtype code {code}")
+            lengths = np.fromfile(fh, dtype=np.int32, count=count)
+            pointers = np.fromfile(fh, dtype=np.int64, count=count)
+    except OSError as err:
+        raise DataError(idx, f"cannot read: {err.strerror or err}") from None
+    if len(lengths) != count or len(pointers) != count:
+        raise DataError(idx, f"cut short: its header announces {count:,} sequences")
+    itemsize = np.dtype(_IDX_DTYPES[code]).itemsize
+    expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if count else 0
+    size = os.path.getsize(bin_)
+    if size != expected:
+        why = "cut short" if size < expected else "larger than its index says"
+        raise DataError(bin_, f"holds {size:,} bytes but {os.path.basename(idx)} describes {expected:,} "
+                        f"({count:,} sequences of {np.dtype(_IDX_DTYPES[code]).name}): {why}; copy it again or "
+                        f"re-run preprocess")
+    return count

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtf_train.data.errors import DataError
 from mtf_train.data.pathfile import Entry, Group, format_groups
 from mtf_train.errors import UserError
 from mtf_train.recipe.yamlio import load_yaml
@@ -170,7 +171,12 @@ def load_mixture(path: str | os.PathLike, root: str | os.PathLike | None = None)
 
 def write_path_files(mixture: Mixture, out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(str(out_dir), "-o: is a file; the path files are written into a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(str(err.filename or out_dir), f"-o: cannot create the folder: {err.strerror or err}") from None
     written = []
     for name, text in mixture.path_files().items():
         target = out / name

@@ -1,4 +1,4 @@
-"""Packed MTF samples for the trainer: the datasets of finetune_t0 (bloomz.md section 5).
+"""Packed MTF samples for the trainer: the datasets of Megatron-DeepSpeed's finetune_t0.
 
     train, valid = build_datasets(train_groups, valid_groups, seq_length=..., train_samples=...,
                                   eval_samples_per_group=..., seed=..., pad_id=...)
@@ -184,7 +184,7 @@ class SampleCounts:
 def recipe_sample_counts(recipe) -> SampleCounts:
     """The sample counts a recipe implies, as the trainer passes them to build_datasets (same cache keys).
 
-    eval samples per group = (train_iters // eval_interval + 1) * eval_iters * global_batch (bloomz.md 5).
+    eval samples per group = (train_iters // eval_interval + 1) * eval_iters * global_batch (Megatron's sizing).
     """
     from mtf_train.plan import derive_shape
 

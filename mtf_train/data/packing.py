@@ -1,6 +1,6 @@
 """Pure-numpy index building: greedy packing of examples into rows, and blending of datasets by weight.
 
-Packing follows finetune_t0 (bloomz.md section 5): each epoch shuffles the usable examples with a seeded
+Packing follows Megatron-DeepSpeed's finetune_t0 (t0loading branch): each epoch shuffles the usable examples with a seeded
 RandomState (whose streams numpy keeps stable across versions, so a rebuilt map is the same map) and packs
 them in that order, next-fit, into rows of `row_len` = seq_length + 1 tokens. An example longer than a row
 is skipped. Epochs follow one another until the requested number of rows exists; each epoch starts a fresh
@@ -83,7 +83,7 @@ def build_pack_index(lengths: np.ndarray, first_doc: int, row_len: int, num_rows
 
 
 def samples_per_dataset(weights: list[float], num_samples: int) -> list[int]:
-    """Megatron's sizing: each dataset builds ceil(N * w * 1.005) rows, weights normalised (bloomz.md 5)."""
+    """Megatron's sizing: each dataset builds ceil(N * w * 1.005) rows, weights normalised."""
     total = float(sum(weights))
     return [int(np.ceil(num_samples * (w / total) * 1.005)) for w in weights]
 

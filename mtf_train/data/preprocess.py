@@ -1,4 +1,4 @@
-"""xP3 jsonl -> `P_inputs_document.{bin,idx}` and `P_targets_document.{bin,idx}` (bloomz.md section 4).
+"""xP3 jsonl -> `P_inputs_document.{bin,idx}` and `P_targets_document.{bin,idx}` (megatron's mmap indexed format).
 
 Inputs are tokenized as they are; targets with a leading space and the end-of-document token appended;
 one document per row. The four files are written under temporary names and renamed only when all are
@@ -23,6 +23,9 @@ from mtf_train.data.indexed import KINDS, doc_prefix
 
 CHUNK_ROWS = 1024
 CHUNK_BYTES = 256 << 10  # per worker task: keeps a worker near 100 MB whatever the rows
+# Rows longer than this (inputs + targets tokens) are skipped and listed: far beyond any sequence length a
+# finetune packs (bloomz: 2048), such a row only costs tokenizing time and disk. --max-tokens sets it.
+DEFAULT_MAX_TOKENS = 131072
 
 
 class Interrupted(Exception):
@@ -146,11 +149,12 @@ class _Progress:
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers: int = 1, dedup: bool = False,
                shuffle: bool = False, seed: int = 1234, strict: bool = False, progress: bool | None = None,
-               report: str | None = None, merged_jsonl: str | None = None, tmp_dir: str | None = None
-               ) -> PreprocessResult:
+               report: str | None = None, merged_jsonl: str | None = None, tmp_dir: str | None = None,
+               max_tokens: int = DEFAULT_MAX_TOKENS) -> PreprocessResult:
     """Tokenize xP3 rows into the two indexed datasets of `output_prefix`; see the module docstring.
 
     workers: tokenizer processes (0 = tokenize in this process). progress: None = when stderr is a terminal.
+    max_tokens: rows with more tokens are skipped like bad rows (0: no bound).
     Bad rows are skipped and listed in `report` (default `P_skipped.txt`), or raise DataError naming
     FILE:LINE under `strict`. dedup/shuffle: the `sort -u | shuf` step, out of core (see jsonl.merged).
     """
@@ -163,6 +167,8 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
         progress = sys.stderr.isatty()
     if workers < 0:
         raise DataError("--workers", f"must be 0 or more, got {workers}")
+    if max_tokens < 0:
+        raise DataError("--max-tokens", f"must be 0 (no bound) or more, got {max_tokens}")
     files = jsonl.find_inputs(inputs)
     tok, info = load_tokenizer(tokenizer)
     dtype = optimal_dtype(info.vocab_size)
@@ -215,14 +221,15 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
 
             def results():
                 if workers == 0:
-                    _tokenize.init_worker(tok.to_str(), info.eod_id, ignore_sigint=False)
+                    _tokenize.init_worker(tok.to_str(), info.eod_id, ignore_sigint=False, max_tokens=max_tokens)
                     for ids, lines, nbytes in _chunks(rows):
                         yield ids, lines, nbytes, _tokenize.tokenize_chunk(lines)
                     return
                 import multiprocessing as mp
                 nonlocal pool
                 ctx = mp.get_context("spawn")  # no fork of a process that holds torch/megatron state
-                pool = ctx.Pool(workers, initializer=_tokenize.init_worker, initargs=(tok.to_str(), info.eod_id))
+                pool = ctx.Pool(workers, initializer=_tokenize.init_worker,
+                                initargs=(tok.to_str(), info.eod_id, True, max_tokens))
                 pending: deque = deque()
                 for ids, lines, nbytes in _chunks(rows):
                     pending.append((ids, lines, nbytes, pool.apply_async(_tokenize.tokenize_chunk, (lines,))))

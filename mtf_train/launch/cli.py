@@ -32,6 +32,13 @@ def cmd_cancel(args) -> int:
     return cancel_run(find_run(args.run, args.runs_dir))
 
 
+def cmd_resume(args) -> int:
+    from mtf_train.launch.submit import resume
+    from mtf_train.launch.watch import find_run
+
+    return resume(find_run(args.run, args.runs_dir), chain=args.chain)
+
+
 def cmd_preflight(args) -> int:
     from mtf_train.launch.preflight import preflight
     from mtf_train.recipe.load import load_recipe
@@ -62,6 +69,14 @@ def register(sub) -> None:
     p.add_argument("run", help=RUN_HELP.replace("; default: the latest run", ""))
     p.add_argument("--runs-dir", help=RUNS_HELP)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("resume", help="start a stopped, cancelled or failed run again from its latest checkpoint, "
+                                      "with its own executor (same losses as if it had not stopped)")
+    p.add_argument("run", nargs="?", help=RUN_HELP)
+    p.add_argument("--runs-dir", help=RUNS_HELP)
+    p.add_argument("--chain", type=int, metavar="N", help="slurm: submit N jobs linked by afterany; submitit: up to "
+                   "N-1 requeues")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("preflight", help="a short job over the recipe's nodes: GPUs, matmul rate, all-reduce; "
                                          "names the slowest node")

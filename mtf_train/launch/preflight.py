@@ -98,7 +98,8 @@ def format_summary(s: dict) -> str:
 def preflight(r: Recipe, *, executor: str | None, runs_dir: str | None, timeout_s: float, seconds: float,
               time_limit: str = "00:10:00") -> int:
     where = str(r.origin.path)
-    if executor in (None, "auto", "submitit"):
+    executor = executor or r.executor  # the recipe's executor, unless --executor says otherwise
+    if executor in ("auto", "submitit"):  # submitit has no preflight of its own: its nodes are SLURM's
         executor = "slurm" if slurm.available("sbatch") else "local"
     if executor == "local" and r.cluster.nodes > 1:
         raise UserError(where, f"preflight without SLURM runs on this machine only; the recipe asks for "

@@ -23,7 +23,54 @@ PACKAGES = ("torch", "deepspeed", "megatron-core", "transformers", "mtf-train")
 
 
 def runs_root(cli_value: str | None) -> Path:
-    return Path(cli_value or os.environ.get("MTF_RUNS_DIR") or "runs").resolve()
+    where = "--runs-dir" if cli_value else "$MTF_RUNS_DIR" if os.environ.get("MTF_RUNS_DIR") else None
+    root = Path(cli_value or os.environ.get("MTF_RUNS_DIR") or "runs").resolve()
+    if root.exists() and not root.is_dir():
+        from mtf_train.errors import UserError
+        raise UserError(str(root), "is a file, not a folder" + (f" ({where} names the root of run folders)"
+                                                                   if where else ""))
+    return root
+
+
+def process_alive(pid: int | None, group: bool = False) -> bool:
+    """Whether process `pid` (or, with `group`, any process of the group it leads) still exists."""
+    if not pid:
+        return False
+    try:
+        os.killpg(pid, 0) if group else os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time (Linux /proc, in clock ticks since boot): tells a reused pid from ours."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def launcher_identity() -> dict:
+    """What run.json records about the mtf-train process that runs a job on this machine."""
+    return {"host": platform.node(), "pid": os.getpid(), "pid_start": start_time(os.getpid())}
+
+
+def local_alive(info: dict) -> bool | None:
+    """For a run started on a machine (executor local, submitit's local executor): whether the launcher or any
+    process of its job still runs. None when it ran on another host, where this one cannot look."""
+    if info.get("host") and info["host"] != platform.node():
+        return None
+    job = info.get("job_pid") or (info.get("submitit") or {}).get("local_pid")
+    if job and str(job).isdigit() and (process_alive(int(job), group=True) or process_alive(int(job))):
+        return True
+    pid = info.get("pid")
+    if not pid or not process_alive(int(pid)):
+        return False
+    recorded, now = info.get("pid_start"), start_time(int(pid))
+    return recorded is None or now is None or recorded == now
 
 
 def versions() -> dict:
@@ -50,7 +97,12 @@ def versions() -> dict:
 def create_run_folder(root: Path, recipe_name: str, fill: Callable[[Path, Path], None]) -> Path:
     """Make a new run folder: `fill(final_path, staging_path)` writes into staging, then one rename publishes it."""
     parent = root / recipe_name
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission: one line, not a traceback
+        from mtf_train.errors import UserError
+        raise UserError(str(err.filename or parent), f"cannot create the run folder's parent: "
+                        f"{err.strerror or err}") from None
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for _ in range(10):
         final = parent / f"{stamp}-{secrets.token_hex(3)}"

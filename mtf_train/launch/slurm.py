@@ -73,9 +73,12 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
     ids = [j for j in job_ids if j]
     if not ids:
         return out
+    asked = ""
     if available("squeue"):
         proc = run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%M|%l|%N|%r"])
-        if proc is not None and proc.returncode == 0:
+        # squeue exits 1 for ids it no longer knows; a controller that does not answer prints nothing at all
+        if proc is not None and (proc.returncode == 0 or "Invalid job id" in proc.stderr):
+            asked = "squeue"
             for line in proc.stdout.splitlines():
                 parts = line.split("|")
                 if len(parts) >= 6:
@@ -85,13 +88,16 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
     if missing and available("sacct"):
         proc = run(["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State,Elapsed,Timelimit,NodeList"])
         if proc is not None and proc.returncode == 0:
+            asked = "sacct"
             for line in proc.stdout.splitlines():
                 parts = line.split("|")
                 if len(parts) >= 5 and parts[0] in missing:
                     state = parts[1].split()[0] if parts[1] else "UNKNOWN"  # "CANCELLED by 0"
                     out[parts[0]] = JobState(parts[0], state, parts[2], parts[3], parts[4], "", "sacct")
     for j in ids:
-        out.setdefault(j, JobState(j, "UNKNOWN", reason="not in the queue (and no accounting to ask)"))
+        # `source` stays empty when neither command answered: the job may well be alive (a busy controller)
+        out.setdefault(j, JobState(j, "UNKNOWN", reason="not in the queue (and no accounting to ask)" if asked
+                                   else "squeue/sacct did not answer", source="none" if asked else ""))
     return out
 
 

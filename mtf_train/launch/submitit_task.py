@@ -57,9 +57,14 @@ class NodeLauncher(Checkpointable):
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         env = dict(os.environ, MTF_JOB_ROLE="node")
         sig = _preempt_signal()
+        # Without SLURM (submitit's local executor) the job gets a session of its own, so that a Ctrl-C at the
+        # terminal reaches mtf-train alone, which turns it into the kill switch; job.pid lets it find the job.
+        local = "SLURM_JOB_ID" not in os.environ
         self._proc = subprocess.Popen(["bash", str(run_dir / "job.sbatch")], env=env, cwd=run_dir,
-                                      stdin=subprocess.DEVNULL,
+                                      stdin=subprocess.DEVNULL, start_new_session=local,
                                       preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
+        if local:
+            (run_dir / "job.pid").write_text(f"{self._proc.pid}\n")
         # Poll rather than wait(): submitit's signal handler (checkpoint) must be able to wait on it too.
         while (code := self._reap()) is None:
             time.sleep(0.5)

@@ -14,7 +14,7 @@ from typing import IO
 
 from mtf_train.errors import UserError
 from mtf_train.launch import slurm
-from mtf_train.launch.runfolder import RunInfo, runs_root
+from mtf_train.launch.runfolder import RunInfo, local_alive, runs_root
 
 
 class RunNotFound(UserError):
@@ -126,13 +126,24 @@ def run_status(run_dir: Path) -> dict:
         failures = 0
 
     recorded = info.get("state", "unknown")
+    error = info.get("error")
+    alive = local_alive(info) if recorded == "running" and not job_ids else None
+    if alive is False:  # a local run whose launcher was killed outright: its job's last event says how it ended
+        last = _last_job_event(run_dir)
+        if " failed: " in last:
+            from mtf_train.launch.submit import last_failure
+            recorded, error = "failed", last_failure(run_dir)
+        else:
+            recorded = "stopped"
+            if " saved and exited at step " not in last:
+                error = error or "its processes ended without recording how (killed?)"
     if finished:
         state = "finished"
     elif any(j["state"] == "RUNNING" for j in jobs):
         state = "running"
     elif any(j["active"] for j in jobs):
         state = "pending" if all(j["state"] == "PENDING" for j in jobs if j["active"]) else "running"
-    elif recorded in ("failed", "rendered", "cancelled", "running"):
+    elif recorded in ("failed", "rendered", "cancelled", "running", "stopped"):
         state = {"rendered": "rendered (dry run)"}.get(recorded, recorded)
     elif jobs and all(j["terminal"] for j in jobs):
         last = [j for j in jobs if j["state"] != "CANCELLED"] or jobs
@@ -141,10 +152,25 @@ def run_status(run_dir: Path) -> dict:
         state = "stopped"  # a local job that exited 0 before the end of training: it saved; run it again
     else:
         state = recorded
+    if state == "failed" and not error:
+        from mtf_train.launch.submit import last_failure
+        error = last_failure(run_dir)
+    # Every way a run can end short of its last step resumes with one command.
+    resume = (f"mtf-train resume {run_dir}" if not finished and info.get("kind") != "preflight" and state in
+              ("stopped", "failed", "cancelled", "rendered (dry run)", "timeout", "node_fail", "preempted",
+               "out_of_memory", "boot_fail", "deadline") else None)
     return {"run": str(run_dir), "recipe": info.get("recipe"), "executor": info.get("executor"),
-            "state": state, "recorded_state": recorded, "error": info.get("error"), "jobs": jobs,
+            "state": state, "recorded_state": recorded, "error": error, "resume": resume, "jobs": jobs,
             "progress": progress, "eval": evals, "checkpoint": checkpoint, "finished": finished,
             "failures": failures, "nodes": info.get("nodes"), "processes_per_node": info.get("processes_per_node")}
+
+
+def _last_job_event(run_dir: Path) -> str:
+    try:
+        lines = (run_dir / "events.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if " job=" in line), "")
 
 
 def _fmt_job(j: dict) -> str:
@@ -157,7 +183,8 @@ def _fmt_job(j: dict) -> str:
 def format_status(s: dict) -> str:
     shape = f", {s['nodes']} node(s) x {s['processes_per_node']}" if s.get("nodes") else ""
     lines = [f"run         {s['run']}  ({s['recipe']}, executor {s['executor']}{shape})",
-             f"state       {s['state']}" + (f": {s['error']}" if s.get("error") and s["state"] == "failed" else "")]
+             f"state       {s['state']}" + (f": {s['error']}" if s.get("error") and s["state"] in ("failed", "stopped")
+                                            else "")]
     if s["jobs"]:
         lines.append("jobs        " + " | ".join(_fmt_job(j) for j in s["jobs"]))
     p = s.get("progress")
@@ -179,6 +206,8 @@ def format_status(s: dict) -> str:
     lines.append(f"checkpoint  {s['checkpoint'] or 'none yet'}")
     if s["failures"]:
         lines.append(f"failures    {s['failures']} in a row")
+    if s.get("resume"):
+        lines.append(f"resume with: {s['resume']}")
     return "\n".join(lines)
 
 
@@ -199,11 +228,13 @@ def format_run_list(root: Path, limit: int = 20) -> str:
 
 
 def is_active(run_dir: Path) -> bool:
+    """Whether the run may still write to its log. A job whose state could not be asked (a controller too busy
+    to answer) counts as active; so does the next job of a chain while it waits for the one before to end."""
     info = RunInfo(run_dir).read()
     ids = [str(j) for j in info.get("job_ids") or []]
     if ids:
-        return any(s.active for s in slurm.job_states(ids).values())
-    return info.get("state") == "running"
+        return any(s.active or (s.state == "UNKNOWN" and not s.source) for s in slurm.job_states(ids).values())
+    return info.get("state") == "running" and local_alive(info) is not False
 
 
 # ------------------------------------------------------------------------------------------------ logs
@@ -229,16 +260,16 @@ def show_logs(run_dir: Path, follow: bool, out: IO[str] = sys.stdout, poll_s: fl
                 out.write(chunk)
         out.flush()
         return 0
-    # Follow until the run's jobs have ended (then drain what is left), or ^C.
+    # Follow main.log, which every job of a chain appends to, until the run's jobs have ended (then drain what is
+    # left), or ^C. Not a job's own SLURM output file: the next job of the chain writes another one.
+    main = run_dir / "logs" / "main.log"
     fh = None
     last_check = 0.0
     active = True
     try:
         while True:
-            if fh is None:
-                path = log_file(run_dir)
-                if path is not None:
-                    fh = open(path, errors="replace")
+            if fh is None and main.exists():
+                fh = open(main, errors="replace")
             got = fh.read() if fh is not None else ""
             if got:
                 out.write(got)
@@ -248,6 +279,9 @@ def show_logs(run_dir: Path, follow: bool, out: IO[str] = sys.stdout, poll_s: fl
                 last_check = now
                 was_active, active = active, is_active(run_dir)
                 if not active and not was_active and not got:
+                    if fh is None and (path := log_file(run_dir)) is not None:  # a job that died before its log
+                        out.write(path.read_text(errors="replace"))
+                        out.flush()
                     return 0
             if not got:
                 time.sleep(poll_s)
@@ -263,7 +297,15 @@ def cancel_run(run_dir: Path) -> int:
     info = info_file.read()
     ids = [str(j) for j in info.get("job_ids") or []]
     if not ids:
-        if info.get("state") == "running":
+        alive = local_alive(info) if info.get("state") == "running" else False
+        if alive is False and info.get("state") == "running":
+            s = run_status(run_dir)  # what its job recorded last, since its launcher could not
+            info_file.update(state=s["recorded_state"], error=s["error"])
+            info_file.event(f"cancel: the local run's processes have ended; recorded it as {s['recorded_state']}")
+            print(f"nothing to cancel: the local run's processes have ended ({s['state']}); resume with: "
+                  f"mtf-train resume {run_dir}")
+            return 0
+        if alive is not False:
             (run_dir / "kill-switch").touch()
             info_file.event("cancel: touched the kill switch (local run): save and exit")
             print(f"asked the local run to save and exit (touched {run_dir / 'kill-switch'})")

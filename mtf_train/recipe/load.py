@@ -25,10 +25,13 @@ class Origin:
 
     def of(self, dotted: str) -> str:
         """The file (or --set) that set `dotted`, or the recipe itself for defaults."""
+        below = [src for key, src in self.sources.items() if key.startswith(dotted + ".")] if dotted else []
         while dotted:
             if dotted in self.sources:
                 return self.sources[dotted]
             dotted = dotted.rpartition(".")[0]
+        if below:  # a section that only a --set (say `--set modle.x=1`) brought into being
+            return max(below, key=lambda src: self.order.index(src) if src in self.order else -1)
         return str(self.path)
 
     def latest(self, fields: typing.Sequence[str]) -> str:
@@ -118,6 +121,9 @@ def _parse_set(item: str) -> tuple[str, Any]:
     key, eq, text = item.partition("=")
     if not eq or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set {item}", "expected KEY.PATH=VALUE, e.g. parallel.tp=2")
+    if key.strip().split(".")[0] == "base":
+        raise RecipeError(f"--set {item}", "base cannot be overridden: it names the file the recipe inherits from "
+                          "when the recipe is read; write a recipe with `base:` instead")
     try:
         value = load_yaml(text) if text.strip() else ""
     except Exception:

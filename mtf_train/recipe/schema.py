@@ -144,6 +144,8 @@ class Checkpoint:
     interval: int = f(100, "Save every this many steps (`--save-interval`).", min=1)
     first_interval: Optional[int] = f(None, "Save interval for the first job of a run (bloomz used a tiny one so that "
                                       "the first-run flags below are dropped early).", min=1)
+    from_scratch: bool = f(False, "Start from random weights. A recipe with first-run flags (a finetune) must name "
+                           "`load` or set this, so that nobody finetunes random weights by mistake.")
     universal: bool = f(False, "First job only: load a universal checkpoint (`--universal-checkpoint`).")
     no_load_optim: bool = f(False, "First job only: do not load optimizer states (`--no-load-optim`).")
     reset_progress: bool = f(False, "First job only: reset iteration and consumed samples (`--reset-progress`).")

@@ -70,6 +70,10 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
         fail(["model.hidden_size", "model.num_attention_heads"], f"{m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}")
     if m.num_attention_heads % s.tp:
         fail(["model.num_attention_heads", "parallel.tp"], f"{m.num_attention_heads} heads are not divisible by tp {s.tp}")
+    tok = r.data.tokenizer
+    if tok.startswith(("/", "./", "../", "~")) and not os.path.isdir(tok):
+        fail("data.tokenizer", f"folder not found: {tok} (a local tokenizer folder, or a hub name such as "
+                               "bigscience/tokenizer)")
     if s.padded_vocab is None:
         fail("model.vocab_size", f"unknown: tokenizer {r.data.tokenizer!r} is not a local folder with "
                                  "tokenizer.json; set model.vocab_size or model.pad_vocab_size_to")
@@ -79,6 +83,18 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
         fail("model.pad_vocab_size_to", f"padded vocabulary {s.padded_vocab} is not divisible by tp {s.tp}")
     if m.seq_length > s.max_positions:
         fail("model.seq_length", f"{m.seq_length} exceeds max_position_embeddings {s.max_positions}")
+    # Settings of Megatron-DeepSpeed that the built-in trainer does not have: refused rather than ignored.
+    if r.runtime.kind == "mtf_train":
+        if not m.embed_layernorm:
+            fail("model.embed_layernorm", "false is not supported by the built-in trainer (its BLOOM always has the "
+                                          "embedding layer norm); use runtime.kind megatron_deepspeed for it")
+        if not par.sync_tp_duplicated_parameters:
+            fail("parallel.sync_tp_duplicated_parameters", "false is not supported by the built-in trainer: "
+                 "its tensor-parallel replicas of layer norms and row-parallel biases get identical gradients and "
+                 "stay equal")
+        if r.data.dataloader_type != "single":
+            fail("data.dataloader_type", f"{r.data.dataloader_type} is not supported by the built-in trainer: it "
+                                         "reads Megatron's single order, which makes resumes exact")
     if m.position_embedding_type != "alibi" and r.runtime.kind == "mtf_train":
         fail("model.position_embedding_type", "packed MTF rows need alibi: absolute positions are not reset "
                                               "per packed example")
@@ -131,13 +147,23 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
         fail("training.train_samples", f"{t.train_samples} is not a whole number of steps of {b.global_} samples "
                                        f"({t.train_samples / b.global_:.2f}); use "
                                        f"{s.train_iters * b.global_}")
+    ck = r.checkpoint
+    first_run = [name for name in ("universal", "no_load_optim", "reset_progress") if getattr(ck, name)]
+    if ck.load is None and first_run and not ck.from_scratch:
+        fail(["checkpoint.load"] + [f"checkpoint.{n}" for n in first_run],
+             f"a finetune ({', '.join(first_run)}) must name the checkpoint it starts from: set checkpoint.load "
+             f"(e.g. --set checkpoint.load=DIR; `mtf-train ckpt import-hf` makes one from a transformers model), "
+             f"or checkpoint.from_scratch: true to train from random weights")
+    if ck.load is not None and ck.from_scratch:
+        fail(["checkpoint.from_scratch", "checkpoint.load"], "contradicts checkpoint.load: give one of them")
     if s.time_minutes is None:
         fail("cluster.time", f"{r.cluster.time!r} is not a SLURM time ([D-]HH:MM:SS, MM:SS or MM)")
     if t.exit_duration_in_mins is not None and t.exit_duration_in_mins > s.time_minutes - r.cluster.save_margin_mins:
-        fail("training.exit_duration_in_mins", f"{t.exit_duration_in_mins} min leaves less than save_margin_mins "
+        fail(["training.exit_duration_in_mins", "cluster.time", "cluster.save_margin_mins"], f"{t.exit_duration_in_mins} min leaves less than save_margin_mins "
                                                f"{r.cluster.save_margin_mins} before the {s.time_minutes} min limit")
     if r.cluster.signal_margin_s >= s.time_minutes * 60:
-        fail("cluster.signal_margin_s", f"{r.cluster.signal_margin_s} s is not shorter than the time limit")
+        fail(["cluster.signal_margin_s", "cluster.time"], f"signal_margin_s {r.cluster.signal_margin_s} s is not "
+             f"shorter than the time limit {r.cluster.time}")
 
     # What reaches the job script: #SBATCH values, variable names. Other strings are shell-quoted.
     c = r.cluster
@@ -172,10 +198,30 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
     from mtf_train.recipe.load import path_groups  # parses the files: grammar errors say where
     groups = path_groups(r)
     if check_data:
-        from mtf_train.data.pathfile import missing_files
-        for kind, gs in zip(("train", "valid"), groups):
-            missing = missing_files(gs)
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                fail(f"data.{kind}_path", f"dataset file missing: {missing[0]}{more}")
+        check_recipe_data(r, groups, fail)
     return s
+
+
+def check_recipe_data(r: Recipe, groups, fail) -> None:
+    """Every dataset's four files exist and each .idx fits its .bin (headers only: no torch, seconds at most)."""
+    from mtf_train.data.errors import DataError
+    from mtf_train.data.indexed import KINDS, check_sizes, doc_prefix
+    from mtf_train.data.pathfile import missing_files
+
+    d = r.data
+    if d.root is not None and not os.path.isdir(d.root):
+        fail("data.root", f"folder not found: {d.root}")
+    for kind, gs in zip(("train", "valid"), groups):
+        field = f"data.{kind}_groups" if getattr(d, f"{kind}_groups") is not None else f"data.{kind}_path"
+        # Blame the path file or data.root, whichever was set last (a `--set data.root=...` is likelier at fault).
+        field = r.origin.latest([field, "data.root"]) if d.root is not None else field
+        missing = missing_files(gs)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            fail(field, f"dataset file missing: {missing[0]}{more}")
+        for prefix in dict.fromkeys(e.prefix for g in gs for e in g.entries):
+            for half in KINDS:
+                try:
+                    check_sizes(doc_prefix(prefix, half))
+                except DataError as err:
+                    fail(field, err.line())

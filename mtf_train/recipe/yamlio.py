@@ -12,7 +12,22 @@ import yaml
 
 
 class RecipeLoader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        """A mapping that names a key twice is refused: PyYAML would keep the last value without a word."""
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict = {}
+            for key_node, _ in node.value:
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except (TypeError, yaml.YAMLError):
+                    continue  # PyYAML's own construct_mapping reports it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def _strip_resolvers() -> None:

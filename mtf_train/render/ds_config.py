@@ -22,7 +22,8 @@ def ds_config(r: Recipe, s: Shape) -> dict:
         if r.runtime.kind == "mtf_train":
             # Current DeepSpeed picks BLOOM's BF16_Optimizer (fp32 master weights and gradient accumulation,
             # states sharded over dp) for bf16 + ZeRO-1 with fp32 accumulation; it is also the only bf16
-            # pipeline setting it can resume (stack.md).
+            # pipeline setting whose checkpoints it loads again (resuming a bf16 + ZeRO-0 pipeline checkpoint fails
+            # with `KeyError: 0` in bf16_optimizer._load_legacy_checkpoint).
             cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     cfg["steps_per_print"] = 2000
     cfg["wall_clock_breakdown"] = False

@@ -157,6 +157,9 @@ def check(args: argparse.Namespace) -> argparse.Namespace:
         bad("--train-weighted-split-paths-path is required")
     if args.save is not None and args.save_interval is None:
         bad("--save needs --save-interval")
+    if args.deepspeed_activation_checkpointing and not args.checkpoint_activations:
+        bad("--deepspeed-activation-checkpointing needs --checkpoint-activations (it picks how recomputation is done; "
+            "the built-in trainer recomputes with torch.utils.checkpoint and megatron-core's RNG tracker)")
     if args.universal_checkpoint and args.load is None:
         bad("--universal-checkpoint needs --load")
     if args.rampup_batch_size is not None:

@@ -5,12 +5,12 @@ Three naming schemes meet here (L = number of transformer blocks):
   `tied_modules.embed.word_embeddings.weight`, `tied_modules.embed.word_embeddings.norm.{weight,bias}`,
   `{3+i}.<block key>` for block i, `{L+4}.{weight,bias}` for the final layer norm;
 - layer files of a DeepSpeed pipeline checkpoint: (layer index, key) with index 1 for the tied embedding,
-  3..L+2 for blocks, L+4 for the final layer norm (bloomz.md section 6); the last layer, L+5, re-uses the
+  3..L+2 for blocks, L+4 for the final layer norm (the bigscience Megatron-DeepSpeed layout); the last layer, L+5, re-uses the
   tied embedding and is not saved separately by the bigscience tools;
 - HF transformers BLOOM: `word_embeddings.weight`, `word_embeddings_layernorm.*`, `h.{i}.*`, `ln_f.*`
   (with a `transformer.` prefix inside `BloomForCausalLM`, whose `lm_head.weight` is the tied embedding).
 
-Tensor-parallel rules (bloomz.md section 6): layer norms and the biases of the row-parallel layers
+Tensor-parallel rules (those of bigscience's universal-checkpoint conversion): layer norms and the biases of the row-parallel layers
 (`self_attention.dense.bias`, `mlp.dense_4h_to_h.bias`) are replicated (averaged when merging);
 `self_attention.dense.weight` and `mlp.dense_4h_to_h.weight` are split on dim 1; everything else on dim 0
 (the fused QKV is [heads, 3, head_dim] on its output dim, so contiguous dim-0 shards are whole heads; the

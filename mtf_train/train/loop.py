@@ -243,8 +243,9 @@ def run(args) -> int:
         save()
     png = metrics.close()
     if exit_reason:
-        metrics.print(f"exiting at step {progress.iteration} ({exit_reason}) after saving; resume with the same "
-                      f"command")
+        # The job script runs the trainer in its run folder; `mtf-train resume` starts that folder's job again.
+        how = f"mtf-train resume {run_dir}" if (run_dir / "run.json").exists() else "the same command"
+        metrics.print(f"exiting at step {progress.iteration} ({exit_reason}) after saving; resume with: {how}")
     else:
         metrics.print(f"training finished at step {progress.iteration}")
     if rank0:

@@ -152,7 +152,7 @@ def main(tp: int, pp: int, out_path: str, universal: bool = False) -> None:
         == (grid.get_model_parallel_rank(), grid.get_model_parallel_world_size()),
     }
 
-    # Layer files as DeepSpeed writes them (model axis in the name, no _extra_state, bloomz.md section 6).
+    # Layer files as DeepSpeed writes them (model axis in the name, no _extra_state, bigscience's layer numbering).
     save_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), f"ckpt_tp{tp}_pp{pp}")
     engine.save_checkpoint(save_dir, tag="global_step2")
     dist.barrier()
