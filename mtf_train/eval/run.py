@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mtf_train.eval import report
 from mtf_train.eval.target import Target, ensure_hf, resolve
-from mtf_train.eval.tasks import FAMILIES, select, write_task_configs
+from mtf_train.eval.tasks import FAMILIES, resolve_sources, select, write_task_configs
 
 
 def _quiet_libraries() -> None:
@@ -77,6 +77,7 @@ def evaluate(target: str, *, tasks: list[str] | None, languages: list[str] | Non
              step: int | None, all_steps: bool, output: str | None, batch_size: int, device: str | None,
              dtype: str | None, parallelize: bool, verify_export: bool) -> int:
     pairs = select(tasks, languages)
+    sources = resolve_sources(pairs, data_dir, languages_given=bool(languages), tasks_given=bool(tasks))
     tgt: Target = resolve(target, step=step, all_steps=all_steps, output=output)
     import torch  # after the cheap checks: a bad argument is refused before the heavy imports
 
@@ -85,7 +86,7 @@ def evaluate(target: str, *, tasks: list[str] | None, languages: list[str] | Non
     eval_root = tgt.out / "eval"
     eval_root.mkdir(parents=True, exist_ok=True)
     print(f"evaluating {tgt.path} ({tgt.kind}; {len(tgt.models)} model(s)): "
-          f"{len(pairs)} task-language pair(s), results in {eval_root}", flush=True)
+          f"{len(sources)} task-language pair(s), results in {eval_root}", flush=True)
     for model in tgt.models:
         t0 = time.perf_counter()
         hf_dir = ensure_hf(model, tgt.out, verify=verify_export)
@@ -93,7 +94,7 @@ def evaluate(target: str, *, tasks: list[str] | None, languages: list[str] | Non
         staging = eval_root / f".{model.label}.tmp{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            described = write_task_configs(pairs, data_dir, staging / "tasks")
+            described = write_task_configs(sources, staging / "tasks")
             names = list(described)
             scores = lm_eval_scores(hf_dir, staging / "tasks", names, batch_size=batch_size, device=device,
                                     dtype=dtype, parallelize=parallelize)

@@ -3,7 +3,10 @@
 Each family has the fields of its published dataset, the languages it was published in, the split the paper's
 rank evaluation used, and several English prompts (BLOOMZ was evaluated with English prompts; the median over
 prompts is what it reported). Every prompt is an lm-eval `multiple_choice` task: the answer choices are scored
-by log-likelihood after the prompt and the most likely one is the prediction (rank classification).
+by log-likelihood after the prompt and the most likely one is the prediction (rank classification). XCOPA,
+XStoryCloze and XWinograd prompts name the choices first and end with the text the answer continues, so that
+the answer follows its premise directly (small models attend mostly to what is near); XNLI's answers are
+English label words after the question, as in the paper's prompts.
 
 `write_task_configs` turns a selection into lm-eval task YAML files (one per task, language and prompt) whose
 dataset is a local copy (`dataset_path: json|parquet` with `data_files`) or the hub. Pure Python: no lm-eval,
@@ -49,27 +52,24 @@ class Family:
         return lang
 
 
-_COPA_OPTIONS = "\n- {{choice1}}\n- {{choice2}}"
+_COPA = "{{[choice1, choice2]}}"
 _STORY = "{{input_sentence_1}} {{input_sentence_2}} {{input_sentence_3}} {{input_sentence_4}}"
 _STORY_LINES = "{{input_sentence_1}}\n{{input_sentence_2}}\n{{input_sentence_3}}\n{{input_sentence_4}}"
 _ENDINGS = "{{[sentence_quiz1, sentence_quiz2]}}"
 _WINO_OPTIONS = "{{[option1, option2]}}"
+_BEFORE_BLANK = "{{sentence.split('_')[0] | trim}}"  # the choice is scored where the blank is
 _NLI_YES = "{{['Yes', 'Maybe', 'No']}}"
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(
         "xcopa", "XCOPA", ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh"), "validation",
         ("premise", "choice1", "choice2", "question", "label"), "{{label}}", "cambridgeltl/xcopa",
-        (Prompt("cause_effect", "{{premise}}\nSelect the most plausible {{question}}:" + _COPA_OPTIONS + "\nAnswer:",
-                "{{[choice1, choice2]}}"),
-         Prompt("best_option", "{{premise}}\n\nWhat is the best option?" + _COPA_OPTIONS +
-                "\n\nWe are looking for {% if question == 'cause' %}a cause{% else %}an effect{% endif %}.\n",
-                "{{[choice1, choice2]}}"),
-         Prompt("plausible_alternatives", "{{premise}} {% if question == 'cause' %}This happened because..."
-                "{% else %}As a consequence...{% endif %}\nHelp me pick the more plausible option:" + _COPA_OPTIONS
-                + "\n", "{{[choice1, choice2]}}"),
-         Prompt("choose_which", "\"{{choice1}}\" or \"{{choice2}}\"? {{premise}} "
-                "{% if question == 'cause' %}because{% else %}so{% endif %}", "{{[choice1, choice2]}}"))),
+        (Prompt("continuation", "{{premise}}", _COPA),
+         Prompt("choice_or_choice", "\"{{choice1}}\" or \"{{choice2}}\"? {{premise}}", _COPA),
+         Prompt("pick_plausible", "Pick the more plausible {{question}}, \"{{choice1}}\" or \"{{choice2}}\":\n"
+                "{{premise}}", _COPA),
+         Prompt("options_first", "Options:\n- {{choice1}}\n- {{choice2}}\nWhich option is the {{question}} of the "
+                "following?\n{{premise}}", _COPA))),
     Family(
         "xnli", "XNLI", ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh"),
         "validation", ("premise", "hypothesis", "label"), "{{label}}", "facebook/xnli",
@@ -87,25 +87,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                        "sentence_quiz1", "sentence_quiz2", "answer_right_ending"),
         "{{answer_right_ending | int - 1}}", "Muennighoff/xstory_cloze",
         (Prompt("continuation", _STORY, _ENDINGS),
-         Prompt("answer_given_options", _STORY + " What is a possible continuation for the story given the "
-                "following options?\n- {{sentence_quiz1}}\n- {{sentence_quiz2}}\nAnswer:", _ENDINGS),
-         Prompt("choose_story_ending", "Read the following story:\n\n" + _STORY_LINES + "\n\nChoose a possible "
-                "ending for the previous story from the following options:\n- {{sentence_quiz1}}\n- "
-                "{{sentence_quiz2}}\n", _ENDINGS),
-         Prompt("novel_correct_ending", "I read the following novel: " + _STORY + " What do you think is the most "
-                "probable ending? You can choose from the following options:\n- {{sentence_quiz1}}\n- "
-                "{{sentence_quiz2}}\n", _ENDINGS))),
+         Prompt("endings_first", "Possible endings: \"{{sentence_quiz1}}\" or \"{{sentence_quiz2}}\". Continue the "
+                "story:\n" + _STORY, _ENDINGS),
+         Prompt("story_lines", "Read the story and finish it with one of the two endings (\"{{sentence_quiz1}}\", "
+                "\"{{sentence_quiz2}}\"):\n" + _STORY_LINES, _ENDINGS),
+         Prompt("novel_ending", "A novel ends with either \"{{sentence_quiz1}}\" or \"{{sentence_quiz2}}\". Here is "
+                "the novel: " + _STORY, _ENDINGS))),
     Family(
         "xwinograd", "XWinograd", ("en", "fr", "jp", "pt", "ru", "zh"), "test",
         ("sentence", "option1", "option2", "answer"), "{{answer | int - 1}}", "Muennighoff/xwinograd",
-        (Prompt("replace_blank", "{{sentence}}\nReplace the _ in the above sentence with the correct option:\n"
-                "- {{option1}}\n- {{option2}}\nAnswer:", _WINO_OPTIONS),
-         Prompt("does_underscore_refer_to", "{{sentence}} In the previous sentence, does _ refer to {{option1}} or "
-                "{{option2}}?", _WINO_OPTIONS),
-         Prompt("fill_in_the_blank", "Fill in the blank:\n{{sentence}}\nOptions:\n- {{option1}}\n- {{option2}}\n"
-                "Answer:", _WINO_OPTIONS),
-         Prompt("stand_for", "In the sentence below, does the _ stand for {{option1}} or {{option2}}?\n"
-                "{{sentence}}", _WINO_OPTIONS))),
+        (Prompt("blank_prefix", _BEFORE_BLANK, _WINO_OPTIONS),
+         Prompt("option_or_option", "\"{{option1}}\" or \"{{option2}}\"? " + _BEFORE_BLANK, _WINO_OPTIONS),
+         Prompt("fill_in_the_blank", "Fill in the blank with {{option1}} or {{option2}}: {{sentence}}\n"
+                + _BEFORE_BLANK, _WINO_OPTIONS),
+         Prompt("options_first", "Options:\n- {{option1}}\n- {{option2}}\nWhich option replaces the _?\n"
+                + _BEFORE_BLANK, _WINO_OPTIONS))),
 )}
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -191,14 +187,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def write_task_configs(pairs: list[tuple[str, str]], data_dir: str | os.PathLike | None, out: Path) -> dict:
-    """One lm-eval task YAML per (family, language, prompt) into `out`; returns task name -> description."""
-    out.mkdir(parents=True, exist_ok=True)
+def resolve_sources(pairs: list[tuple[str, str]], data_dir: str | os.PathLike | None, *,
+                    languages_given: bool = False, tasks_given: bool = False) -> dict[tuple[str, str], dict]:
+    """Where each (family, language) is read from. With a data folder, languages not asked for by name are
+    evaluated where a local copy exists; a language or task asked for by name must have one. Without a data
+    folder, the hub, when it is reachable. Every local file is checked against the family's schema."""
     sources: dict[tuple[str, str], dict] = {}
     hub = None
     for fam_name, lang in pairs:
         fam = FAMILIES[fam_name]
         path = local_file(Path(data_dir), fam, lang) if data_dir else None
+        expected = Path(data_dir or "DATA_DIR") / fam.name / lang / f"{fam.split}.jsonl"
         if path is not None:
             rows = check_rows(path, fam)
             builder = "parquet" if path.suffix == ".parquet" else "json"
@@ -206,15 +205,34 @@ def write_task_configs(pairs: list[tuple[str, str]], data_dir: str | os.PathLike
                                          "dataset_kwargs": {"data_files": {fam.split: str(path.resolve())}},
                                          "source": str(path.resolve()), "rows": rows}
             continue
+        if data_dir:
+            if languages_given:
+                raise EvalError(str(expected), f"no such file (a local copy of {fam.title} {lang}, "
+                                f"{fam.split} split)")
+            continue
         if hub is None:
             hub = hub_reachable()
         if not hub:
-            expected = Path(data_dir or "DATA_DIR") / fam.name / lang / f"{fam.split}.jsonl"
-            why = "no such file" if data_dir else "no --data-dir given"
-            raise EvalError(str(expected), f"{why}, and the hub is not reachable (offline) for {fam.hub_path} "
-                            f"{lang}: put a local copy there")
+            raise EvalError(str(expected), f"no --data-dir given, and the hub is not reachable (offline) for "
+                            f"{fam.hub_path} {lang}: put local copies under a folder and pass --data-dir")
         sources[(fam_name, lang)] = {"dataset_path": fam.hub_path, "dataset_name": fam.hub_name(lang),
                                      "source": f"hub:{fam.hub_path}/{fam.hub_name(lang)}", "rows": None}
+    if data_dir:
+        found = {f for f, _ in sources}
+        for fam_name in dict.fromkeys(f for f, _ in pairs):
+            if fam_name not in found and tasks_given:
+                fam = FAMILIES[fam_name]
+                raise EvalError(str(Path(data_dir) / fam.name), f"no local copy of {fam.title} in any language "
+                                f"asked for (expected <language>/{fam.split}.jsonl)")
+        if not sources:
+            raise EvalError(str(data_dir), "no local copy of any task asked for (expected "
+                            "<task>/<language>/<split>.jsonl, e.g. xnli/fr/validation.jsonl)")
+    return sources
+
+
+def write_task_configs(sources: dict[tuple[str, str], dict], out: Path) -> dict:
+    """One lm-eval task YAML per (family, language, prompt) into `out`; returns task name -> description."""
+    out.mkdir(parents=True, exist_ok=True)
     described = {}
     for (fam_name, lang), src in sources.items():
         fam = FAMILIES[fam_name]
