@@ -25,6 +25,7 @@ def _quiet_libraries() -> None:
     import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval draws a bar per task and prompt; the table says enough
     for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
