@@ -24,6 +24,8 @@ SAMPLE = ROOT / "data" / "sample" / "eval"
 LEARNABLE = ("xcopa", "xstorycloze", "xwinograd")  # XNLI's English label words are never taught by the sample
 # Offline, as on a cluster node without internet; one thread each, as several tests share this machine's cores.
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# The module trains the tiny recipe once (the first test pays for it): allow for a busy machine.
+pytestmark = pytest.mark.timeout(2400)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def test_trained_beats_chance_where_untrained_does_not(run, untrained, tmp_path)
     cell = trained["tasks"]["xcopa"]["zh"]
     assert len(cell["prompts"]) == 4 and cell["n"] == 40 and cell["chance"] == 0.5
     assert cell["min"] <= cell["median"] <= cell["max"]
-    proc = mtf("eval", str(untrained), "--data-dir", str(SAMPLE), "-o", str(tmp_path / "u"), env=ENV, timeout=900)
+    proc = mtf("eval", str(untrained), "--data-dir", str(SAMPLE), "--tasks", ",".join(LEARNABLE), "--batch-size", "64",
+               "-o", str(tmp_path / "u"), env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     base = results(tmp_path / "u" / "eval" / "bloom-untrained")
     t, u = pooled(trained), pooled(base)
@@ -94,7 +97,7 @@ def _reference(hf: Path, res: dict) -> dict:
     out = {}
     for task, cells in res["tasks"].items():
         fam = FAMILIES[task]
-        for lang, cell in cells.items():
+        for lang, cell in list(cells.items())[:1]:  # one language per task keeps this loop of single passes short
             rows = [json.loads(x) for x in Path(cell["source"]).read_text().splitlines()]
             for p in fam.prompts:
                 right = 0
@@ -118,8 +121,9 @@ def _reference(hf: Path, res: dict) -> dict:
 def test_scores_equal_rank_classification_with_transformers(run):
     res = results(run / "eval" / "step_120")
     ref = _reference(run / "hf" / "step_120", res)
-    ours = {(t, lang, p): a for t, cells in res["tasks"].items() for lang, c in cells.items()
+    ours = {(t, lang, p): a for t, cells in res["tasks"].items() for lang, c in list(cells.items())[:1]
             for p, a in c["prompts"].items()}
+    assert len(ours) == 16
     assert ours.keys() == ref.keys()
     worst = max(abs(ours[k] - ref[k]) for k in ours)
     assert worst <= 1e-6, {k: (ours[k], ref[k]) for k in ours if abs(ours[k] - ref[k]) > 1e-6}
