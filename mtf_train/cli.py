@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_ckpt(sub)
     from mtf_train.launch.cli import register as register_launch
     register_launch(sub)
+    from mtf_train.eval.cli import register as register_eval
+    register_eval(sub)
     return parser
 
 

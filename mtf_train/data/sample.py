@@ -281,4 +281,84 @@ def build_sample(out_dir: str | Path, *, seed: int = SEED, rows: int = 100, trai
         # The 2022 step per language: merge the prompt files, `sort -u | shuf`, tokenize.
         results.append(preprocess([str(folder)], str(out / f"xp3_{ds}"), str(tok_dir), workers=0, dedup=True,
                                   shuffle=True, seed=seed, progress=progress))
+    write_eval_sample(out, seed)
     return results
+
+
+# --- the held-out evaluation sample (`mtf-train eval --data-dir data/sample/eval`) ------------------------------
+#
+# A few rows per task family and language, in each family's published schema and split file, for the sample's
+# languages that the family was published in. The items are new lists of numbers under the sample's own
+# "largest / smallest number" questions (never a training row: training inputs are excluded), and the answer
+# choices are numbers of the list, so a model that learned the sample's number-comparison task ranks the right
+# one first, while an untrained one is at chance. XNLI's answers are fixed English words ("True", "Yes", ...)
+# that the training sample never teaches: a model trained on it alone stays at chance there.
+
+EVAL_LANGS = {"xcopa": ("sw", "zh"), "xnli": LANGS, "xstorycloze": ("ar", "en", "es", "hi", "sw", "zh"),
+              "xwinograd": ("en", "fr", "zh")}
+EVAL_ROWS = 40
+
+
+def _extreme_item(lang: str, lx: dict, rng: random.Random, seen: set[str], largest: bool) -> tuple[str, str, str]:
+    """(question, right number, another number of the list), the question unseen in training."""
+    while True:
+        nums = rng.sample(range(1, 100), rng.randint(3, 6))
+        listed = LIST_SEP.get(lang, ", ").join(map(str, nums))
+        question = rng.choice(lx["largest" if largest else "smallest"]).format(l=listed)
+        if question not in seen:
+            seen.add(question)
+            break
+    right = max(nums) if largest else min(nums)
+    return question, str(right), str(rng.choice([n for n in nums if n != right]))
+
+
+def eval_rows(seed: int = SEED, rows: int = EVAL_ROWS) -> dict[str, dict[str, list[dict]]]:
+    """family -> language -> rows in the family's published schema. Labels are balanced: half of the rows ask
+    for the largest number, half for the smallest, and the right choice is first in half of them."""
+    train = generate_rows(seed)
+    out: dict[str, dict[str, list[dict]]] = {}
+    for family, langs in EVAL_LANGS.items():
+        for lang in langs:
+            lx = LEX[lang]
+            rng = random.Random(f"{seed}-eval-{family}-{lang}")
+            seen = {r["inputs"] for r in train[lang]["extremes"]}
+            items = []
+            for i in range(rows):
+                question, right, wrong = _extreme_item(lang, lx, rng, seen, largest=i % 2 == 0)
+                first = (i // 2) % 2 == 0
+                a, b = (right, wrong) if first else (wrong, right)
+                if family == "xcopa":
+                    items.append({"premise": question, "choice1": a, "choice2": b, "question": "effect",
+                                  "label": 0 if first else 1, "idx": i, "changed": False})
+                elif family == "xstorycloze":
+                    story = rng.sample(PHRASES[lang], 3)
+                    items.append({"story_id": f"mtf-sample-{lang}-{i:03d}", "input_sentence_1": story[0],
+                                  "input_sentence_2": story[1], "input_sentence_3": story[2],
+                                  "input_sentence_4": question, "sentence_quiz1": a, "sentence_quiz2": b,
+                                  "answer_right_ending": 1 if first else 2})
+                elif family == "xwinograd":
+                    items.append({"sentence": f"{question} _", "option1": a, "option2": b,
+                                  "answer": "1" if first else "2"})
+                else:  # xnli: entailment (the right number), neutral (an unrelated sentence), contradiction
+                    label = i % 3
+                    hypothesis = {0: right, 1: rng.choice(PHRASES[lang]), 2: wrong}[label]
+                    items.append({"premise": question, "hypothesis": hypothesis, "label": label})
+            rng.shuffle(items)
+            out.setdefault(family, {})[lang] = items
+    return out
+
+
+def write_eval_sample(out_dir: str | Path, seed: int = SEED, rows: int = EVAL_ROWS) -> list[Path]:
+    """eval/<family>/<lang>/<split>.jsonl, the split each family is evaluated on (mtf_train.eval.tasks)."""
+    from mtf_train.eval.tasks import FAMILIES
+
+    written = []
+    for family, langs in eval_rows(seed, rows).items():
+        for lang, items in langs.items():
+            path = Path(out_dir) / "eval" / family / lang / f"{FAMILIES[family].split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
+            tmp.replace(path)
+            written.append(path)
+    return written

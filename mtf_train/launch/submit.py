@@ -125,12 +125,32 @@ def _submit_slurm(run_dir: Path, chain: int, resumed: bool = False) -> int:
         write_atomic(run_dir / "chain.jobs", "\n".join(ids) + "\n")
         info.update(state="submitted", error=None, job_ids=before + ids, submit_commands=commands_before + commands)
         info.event(f"submitted job {job_id}" + (f" (after {ids[-2]} ends: afterany)" if len(ids) > 1 else ""))
+    if (run_dir / "eval.sbatch").is_file():
+        _submit_eval(run_dir, ids, commands)
     if chain == 1:
         print(f"submitted job {ids[0]}; follow it with: mtf-train status {run_dir}")
     else:
         print(f"submitted a chain of {chain} jobs: {' -> '.join(ids)} (each starts when the one before ends); "
               f"follow it with: mtf-train status {run_dir}")
     return 0
+
+
+def _submit_eval(run_dir: Path, ids: list[str], commands: list[list[str]]) -> None:
+    """The evaluation job after the chain: afterok on a single job; on a chain afterany on its last job, since
+    the job that finishes training cancels the chain's later ones (eval.sbatch checks `finished` itself)."""
+    info = RunInfo(run_dir)
+    kind = "afterok" if len(ids) == 1 else "afterany"
+    args = [f"--dependency={kind}:{ids[-1]}", str(run_dir / "eval.sbatch")]
+    commands.append(["sbatch", "--parsable", *args])
+    job_id, error = slurm.sbatch(args)
+    if job_id is None:
+        info.update(eval_error=f"sbatch failed: {error}", submit_commands=commands)
+        info.event(f"eval job not submitted: {error}")
+        print(f"mtf-train: warning: the evaluation job was not submitted: {error}", file=sys.stderr)
+        return
+    info.update(eval_job_ids=[job_id], submit_commands=commands)
+    info.event(f"submitted evaluation job {job_id} ({kind}:{ids[-1]})")
+    print(f"submitted evaluation job {job_id}, after job {ids[-1]} ({kind}); results in {run_dir / 'eval'}")
 
 
 def _extra_sbatch(lines: list[str]) -> dict:

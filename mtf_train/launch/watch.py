@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO
 
 from mtf_train.errors import UserError
+from mtf_train.eval.report import format_scores, latest_scores
 from mtf_train.launch import slurm
 from mtf_train.launch.runfolder import RunInfo, local_alive, runs_root
 
@@ -162,7 +163,8 @@ def run_status(run_dir: Path) -> dict:
     return {"run": str(run_dir), "recipe": info.get("recipe"), "executor": info.get("executor"),
             "state": state, "recorded_state": recorded, "error": error, "resume": resume, "jobs": jobs,
             "progress": progress, "eval": evals, "checkpoint": checkpoint, "finished": finished,
-            "failures": failures, "nodes": info.get("nodes"), "processes_per_node": info.get("processes_per_node")}
+            "failures": failures, "nodes": info.get("nodes"), "processes_per_node": info.get("processes_per_node"),
+            "zero_shot": latest_scores(run_dir)}
 
 
 def _last_job_event(run_dir: Path) -> str:
@@ -204,6 +206,8 @@ def format_status(s: dict) -> str:
     if e and e.get("loss") is not None:
         lines.append(f"eval        {e.get('group', 'validation')} loss {e['loss']:.4f} at step {e.get('iteration')}")
     lines.append(f"checkpoint  {s['checkpoint'] or 'none yet'}")
+    if s.get("zero_shot"):
+        lines.append(format_scores(s["zero_shot"]))
     if s["failures"]:
         lines.append(f"failures    {s['failures']} in a row")
     if s.get("resume"):

@@ -266,6 +266,9 @@ def _resolve_paths(recipe: schema.Recipe) -> None:
     tok = base_dir("data.tokenizer") / os.path.expanduser(d.tokenizer)
     if tok.exists():  # else a hub name, resolved offline by the trainer
         d.tokenizer = str(tok.resolve())
+    zs = recipe.eval.zero_shot
+    if zs.data_dir is not None:
+        zs.data_dir = absolute("eval.zero_shot.data_dir", zs.data_dir)
     rt = recipe.runtime
     if rt.megatron_deepspeed_dir is not None:
         rt.megatron_deepspeed_dir = absolute("runtime.megatron_deepspeed_dir", rt.megatron_deepspeed_dir)

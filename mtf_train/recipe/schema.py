@@ -115,9 +115,33 @@ class Training:
 
 
 @dataclass
+class ZeroShot:
+    tasks: list[str] = f(factory=list, doc="Task families to evaluate (`xcopa`, `xnli`, `xstorycloze`, `xwinograd`); "
+                         "empty = all four.")
+    languages: list[str] = f(factory=list, doc="Languages to evaluate (e.g. `[fr, sw]`); empty = every language "
+                             "of each task.")
+    data_dir: Optional[str] = f(None, "Local copies of the datasets, `DIR/<task>/<language>/<split>.jsonl` (or "
+                                "`.parquet`), relative to the recipe; unset = the hub when it is reachable.")
+    job: Literal["none", "after_training", "every_step"] = f(
+        "none", "Render `eval.sbatch` into the run folder and submit it after the training chain: `after_training` "
+        "evaluates the last checkpoint, `every_step` every saved step (the job waits for the chain's last job "
+        "to end and runs when training has finished).")
+    gpus: Optional[int] = f(None, "GPUs of the evaluation job's one node (the model is spread over them with "
+                            "lm-eval's HF backend, parallelize=True); unset = as few as hold the bf16 weights "
+                            "with room for activations, at most cluster.gpus_per_node.", min=1)
+    dtype: Literal["bfloat16", "float16", "float32"] = f("bfloat16", "Precision of the evaluated model on GPUs "
+                                                         "(CPU evaluation always uses float32).")
+    batch_size: int = f(16, "Requests per lm-eval batch.", min=1)
+    time: str = f("02:00:00", "Wall-clock limit of the evaluation job, `[D-]HH:MM:SS`.")
+
+
+@dataclass
 class Eval:
     interval: int = f(125, "Evaluate every this many steps (`--eval-interval`).", min=1)
     iters: int = f(10, "Batches per evaluation (`--eval-iters`).", min=0)
+    zero_shot: ZeroShot = f(factory=ZeroShot, doc="Zero-shot evaluation of saved checkpoints on held-out tasks "
+                            "(`mtf-train eval`): XCOPA, XNLI, XStoryCloze, XWinograd by rank classification, as "
+                            "BLOOMZ was judged.")
 
 
 @dataclass
@@ -225,7 +249,7 @@ class Recipe:
     precision: Precision = f(factory=Precision, doc="Precision and ZeRO.")
     optimizer: Optimizer = f(factory=Optimizer, doc="Optimizer and learning-rate schedule.")
     training: Training = f(factory=Training, doc="Training length and loss.")
-    eval: Eval = f(factory=Eval, doc="Evaluation.")
+    eval: Eval = f(factory=Eval, doc="Evaluation: validation loss during training (`interval`, `iters`) and zero-shot evaluation of checkpoints (`zero_shot`).")
     data: Data = f(factory=Data, doc="Data: weighted split-path files and tokenizer.")
     checkpoint: Checkpoint = f(factory=Checkpoint, doc="Checkpoints.")
     cluster: Cluster = f(factory=Cluster, doc="Cluster allocation and planning assumptions.")

@@ -9,7 +9,7 @@ import os
 import re
 
 from mtf_train.errors import RecipeError
-from mtf_train.plan import Shape, derive_shape
+from mtf_train.plan import Shape, derive_shape, parse_time_minutes
 from mtf_train.recipe.schema import Recipe
 
 PARTITION_METHODS = ("type:transformer|embedding", "type:transformer", "uniform", "parameters")
@@ -182,6 +182,19 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
     for key in r.environment.env:
         if not ENV_NAME.match(key):
             fail(f"environment.env.{key}", "is not a valid environment variable name")
+
+    # Zero-shot evaluation: names and the job's time limit, checked before a run folder exists.
+    zs = r.eval.zero_shot
+    from mtf_train.eval.tasks import FAMILIES
+    for t in zs.tasks:
+        if t not in FAMILIES:
+            fail("eval.zero_shot.tasks", f"unknown task {t!r} (known: {', '.join(FAMILIES)})")
+    known = sorted({lang for t in (zs.tasks or FAMILIES) for lang in FAMILIES[t].languages})
+    for lang in zs.languages:
+        if lang not in known:
+            fail("eval.zero_shot.languages", f"unknown language {lang!r} (known: {', '.join(known)})")
+    if zs.job != "none" and parse_time_minutes(zs.time) is None:
+        fail("eval.zero_shot.time", f"{zs.time!r} is not a SLURM time ([D-]HH:MM:SS, MM:SS or MM)")
 
     # Data.
     d = r.data

@@ -141,6 +141,11 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
         master_port=c.master_port, python=r.runtime.python or sys.executable, program=program, common_lines=lines,
         srun_options=srun_options(r), train_iters=shape.train_iters)
     job = put("job.sbatch", script, mode=0o755)
+    if r.eval.zero_shot.job != "none":
+        from mtf_train.eval.job import render_eval_job
+
+        put("eval.sbatch", render_eval_job(r, plan, str(run_dir), sbatch_options(r), srun_options(r), template_env()),
+            mode=0o755)
     put("recipe.resolved.yaml", dump_recipe(r))
     put("plan.txt", format_plan(plan) + "\n")
     put("plan.json", plan.to_json() + "\n")

@@ -1,0 +1,123 @@
+"""`mtf-train eval`: rank classification with lm-evaluation-harness on the project's task definitions.
+
+For each model (a step of a run, a checkpoint, a transformers folder): the selected tasks are written as lm-eval
+task YAML files into the step's result folder (so the exact prompts stay with the scores), lm-eval's HF backend
+scores every answer choice by log-likelihood (`simple_evaluate`, `TaskManager(include_path=...)`), and the
+accuracy of each prompt is summarised per task and language as median, min and max over prompts, as BLOOMZ
+reported. Results: `eval/<step_N>/results.json` and `results.md`, written under a temporary name and renamed;
+`eval/accuracy_vs_step.png` when more than one step has results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from mtf_train.eval import report
+from mtf_train.eval.target import Target, ensure_hf, resolve
+from mtf_train.eval.tasks import FAMILIES, resolve_sources, select, write_task_configs
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval draws a bar per task and prompt; the table says enough
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "filelock", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except Exception:  # an older datasets without these helpers: only noisier
+        pass
+
+
+def lm_eval_scores(hf_dir: Path, task_dir: Path, names: list[str], *, batch_size: int, device: str,
+                   dtype: str, parallelize: bool) -> dict[str, dict]:
+    """lm-eval's accuracy per task name: {"acc": float, "n": int}."""
+    _quiet_libraries()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    model_args = {"pretrained": str(hf_dir), "dtype": dtype}
+    if parallelize:
+        model_args["parallelize"] = True
+    out = simple_evaluate(model="hf", model_args=model_args, tasks=names, task_manager=tm, batch_size=batch_size,
+                          device=None if parallelize else device, log_samples=False, bootstrap_iters=0,
+                          num_fewshot=0)
+    scores = {}
+    for name in names:
+        res = out["results"][name]
+        n = out.get("n-samples", {}).get(name, {}).get("effective")
+        scores[name] = {"acc": float(res["acc,none"]), "n": n}
+    return scores
+
+
+def summarise(scores: dict[str, dict], described: dict[str, dict]) -> dict:
+    """task -> language -> {median, min, max, prompts: {prompt: acc}, n, source, chance}."""
+    table: dict[str, dict] = {}
+    for name, d in described.items():
+        cell = table.setdefault(d["task"], {}).setdefault(d["language"], {
+            "prompts": {}, "n": scores[name]["n"] or d["rows"], "source": d["source"],
+            "chance": 1 / FAMILIES[d["task"]].choices})
+        cell["prompts"][d["prompt"]] = scores[name]["acc"]
+    for langs in table.values():
+        for cell in langs.values():
+            accs = list(cell["prompts"].values())
+            cell.update(median=statistics.median(accs), min=min(accs), max=max(accs))
+    return table
+
+
+def evaluate(target: str, *, tasks: list[str] | None, languages: list[str] | None, data_dir: str | None,
+             step: int | None, all_steps: bool, output: str | None, batch_size: int, device: str | None,
+             dtype: str | None, parallelize: bool, verify_export: bool) -> int:
+    pairs = select(tasks, languages)
+    sources = resolve_sources(pairs, data_dir, languages_given=bool(languages), tasks_given=bool(tasks))
+    tgt: Target = resolve(target, step=step, all_steps=all_steps, output=output)
+    import torch  # after the cheap checks: a bad argument is refused before the heavy imports
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    eval_root = tgt.out / "eval"
+    eval_root.mkdir(parents=True, exist_ok=True)
+    print(f"evaluating {tgt.path} ({tgt.kind}; {len(tgt.models)} model(s)): "
+          f"{len(sources)} task-language pair(s), results in {eval_root}", flush=True)
+    for model in tgt.models:
+        t0 = time.perf_counter()
+        hf_dir = ensure_hf(model, tgt.out, verify=verify_export)
+        final = eval_root / model.label
+        staging = eval_root / f".{model.label}.tmp{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            described = write_task_configs(sources, staging / "tasks")
+            names = list(described)
+            scores = lm_eval_scores(hf_dir, staging / "tasks", names, batch_size=batch_size, device=device,
+                                    dtype=dtype, parallelize=parallelize)
+            table = summarise(scores, described)
+            results = {"target": str(tgt.path), "model": str(hf_dir), "label": model.label, "step": model.step,
+                       "time": time.time(), "seconds": round(time.perf_counter() - t0, 1), "device": device,
+                       "dtype": dtype, "method": "rank classification, zero-shot, median/min/max over prompts",
+                       "versions": report.versions(), "tasks": table}
+            (staging / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+            (staging / "results.md").write_text(report.markdown(results))
+            if final.exists():
+                old = eval_root / f".{model.label}.old{os.getpid()}"
+                os.replace(final, old)
+                os.replace(staging, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        print(report.markdown(results), end="")
+        print(f"{model.label}: {final / 'results.json'} ({results['seconds']} s)", flush=True)
+    plot = report.plot_steps(eval_root)
+    if plot:
+        print(f"accuracy against step: {plot}")
+    return 0
