@@ -303,7 +303,8 @@ def test_submitit_runs_one_task_per_node_and_requeues_at_the_pre_timeout_signal(
 
 
 def test_preflight_measures_each_node_and_names_the_slowest(cluster: SlurmCluster, tmp_path):
-    proc = mtf("preflight", TINY, "--runs-dir", str(tmp_path), "--seconds", "0.5", "--timeout", "120",
+    # The tiny recipe says executor local (which keeps preflight on this machine): ask for SLURM.
+    proc = mtf("preflight", TINY, "--executor", "slurm", "--runs-dir", str(tmp_path), "--seconds", "0.5", "--timeout", "120",
                *sets("cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.partition=debug",
                      f"cluster.master_port={free_port()}"), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
