@@ -209,8 +209,12 @@ def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int, recomput
 # A block being recomputed in backward holds, for that moment, the difference to `none` once per stage.
 # torch.compile's partitioner may keep less than eager (it recomputes cheap pointwise ops), never more.
 
-# Rows of logits per chunk of the chunked LM-head loss: one chunk's float32 logits take about this much.
-LOSS_CHUNK_BYTES = 256 * 2**20
+# The chunked LM-head loss (train/loss.py) takes as many rows per chunk as make one chunk's float32 logits
+# about this large (at least 64 rows, a multiple of 64 so GPU matrix multiplies keep full tiles). On GPUs each
+# chunk of a low-precision weight also adds its weight gradient into a float32 sum (a pass over 6 bytes x V x h),
+# so chunks there are larger: 1 GiB is 1024 rows at V = 250880, two to three chunks per micro batch of 4 x 2048
+# with a quarter targets.
+LOSS_CHUNK_BYTES = {"cuda": 2**30, "cpu": 256 * 2**20}
 # auto recomputation keeps this share of GPU memory free (CUDA context, NCCL buffers, allocator fragmentation).
 MEMORY_HEADROOM = 0.10
 
@@ -235,16 +239,17 @@ def block_activation_bytes(mode: str, s: int, b: int, h: int, a: int, tp: int, e
     return (4 + 8 / tp) * sbh * e + attention + ln_stats
 
 
-def loss_chunk_rows(vocab: int, tp: int) -> int:
-    """Rows per chunk of the chunked vocabulary-parallel loss (at least 64, a multiple of 64)."""
-    return max(64, LOSS_CHUNK_BYTES // (4 * (vocab // tp)) // 64 * 64)
+def loss_chunk_rows(local_vocab: int, device_type: str = "cuda") -> int:
+    """Rows per chunk of the chunked vocabulary-parallel loss over a head of `local_vocab` rows (V / tp)."""
+    chunk_bytes = LOSS_CHUNK_BYTES.get(device_type, LOSS_CHUNK_BYTES["cuda"])
+    return max(64, chunk_bytes // (4 * local_vocab) // 64 * 64)
 
 
 def head_activation_bytes(s: int, b: int, h: int, vocab: int, tp: int, e: int) -> float:
     """The last stage's LM head and loss: the final layer norm's input and output (2 s*b*h), and, computing the
     loss a chunk of rows at a time, one chunk's float32 logits and their gradient, never the full logits; with
     16-bit weights also the float32 sum of the chunks' weight gradients."""
-    rows = min(loss_chunk_rows(vocab, tp), s * b)
+    rows = min(loss_chunk_rows(vocab // tp), s * b)
     chunk = 2 * rows * (vocab // tp) * 4
     wgrad = (vocab // tp) * h * 4 if e < 4 else 0
     return 2 * s * b * h * e + chunk + wgrad

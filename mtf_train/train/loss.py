@@ -33,11 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# Rows per chunk are chosen so that one chunk's float32 logits take about this much memory (at least 64 rows,
-# a multiple of 64 so GPU matrix multiplies keep full tiles). On GPUs each chunk of a low-precision weight
-# also adds its weight gradient into a float32 sum (a pass over 6 bytes x V x h), so chunks there are larger:
-# 1 GiB is 1024 rows at V = 250880, two to three chunks per micro batch of 4 x 2048 with a quarter targets.
-CHUNK_BYTES = {"cuda": 2**30, "cpu": 256 * 2**20}
 
 
 def prepare_batch(
@@ -86,8 +81,10 @@ def vocab_parallel_token_losses(vocab_parallel_logits: torch.Tensor, labels: tor
 
 
 def default_chunk_rows(local_vocab: int, device_type: str = "cpu") -> int:
-    chunk_bytes = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
-    return max(64, chunk_bytes // (4 * local_vocab) // 64 * 64)
+    """Rows per chunk: the plan's rule (`plan.loss_chunk_rows`), so its memory model counts what runs."""
+    from mtf_train.plan import loss_chunk_rows
+
+    return loss_chunk_rows(local_vocab, device_type)
 
 
 class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
