@@ -53,7 +53,8 @@ def _recipe_defaults(target: str) -> dict:
     from mtf_train.recipe.yamlio import load_yaml
 
     path = Path(target).expanduser()
-    for folder in (path, path.parent, path.parent.parent):
+    runs = sorted(p for p in path.iterdir() if (p / "run.json").is_file()) if path.is_dir() else []
+    for folder in (path, path.parent, path.parent.parent, *runs[-1:]):
         resolved = folder / "recipe.resolved.yaml"
         if (folder / "run.json").is_file() and resolved.is_file():
             try:

@@ -76,6 +76,9 @@ def resolve(target: str, *, step: int | None, all_steps: bool, output: str | Non
     if not path.is_dir():
         raise EvalError(target, "not a folder (give a run folder, a checkpoint folder or a transformers folder)")
     path = path.resolve()
+    runs = sorted(p for p in path.iterdir() if (p / "run.json").is_file() and not p.name.startswith("."))
+    if not (path / "run.json").is_file() and runs:
+        path = runs[-1]  # a recipe's folder of runs (runs/<recipe>): its latest run, as `status` picks it
     if (path / "config.json").is_file() and not (path / "run.json").is_file():
         if step is not None or all_steps:
             raise EvalError(target, "a transformers folder has one model: --step/--all-steps do not apply")
