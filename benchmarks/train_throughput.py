@@ -90,7 +90,7 @@ def run_ours(a, s: dict, micro: int) -> dict:
 
     sets = ["parallel.pp=1", "parallel.tp=1", "cluster.nodes=1", "cluster.gpus_per_node=1", f"batch.micro={micro}",
             f"batch.global={micro}", "precision.dtype=bf16", "precision.zero_stage=1",
-            f"training.checkpoint_activations={str(a.recompute).lower()}", f"model.seq_length={s['seq']}"]
+            f"training.recompute={a.recompute}", f"model.seq_length={s['seq']}"]
     if a.device == "cpu":
         sets.append("cluster.accelerator=cpu")
     r = load_recipe(ROOT / "recipes" / s["recipe"], sets)
@@ -100,7 +100,7 @@ def run_ours(a, s: dict, micro: int) -> dict:
     m = r.model
     config = BloomModelConfig(num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_attention_heads,
                               padded_vocab_size=s["vocab"], init_std=m.init_method_std,
-                              checkpoint_activations=r.training.checkpoint_activations)
+                              recompute=a.recompute, compile=a.device == "cuda")
     model = build_model(config, state, pipeline=True, norm_target_loss=True)
     opt_args = argparse.Namespace(lr=1e-5, weight_decay=r.optimizer.weight_decay, adam_beta1=r.optimizer.beta1,
                                   adam_beta2=r.optimizer.beta2, adam_eps=r.optimizer.eps)
@@ -108,6 +108,9 @@ def run_ours(a, s: dict, micro: int) -> dict:
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, dist_init_required=False)
+    from mtf_train.train.bf16 import fuse_hp_grad_accumulation
+
+    fuse_hp_grad_accumulation(engine.optimizer)  # as the trainer does for bf16
     batches = [to_pipe_batch(packed_batch(micro, s["seq"], s["vocab"], seed=i), state.device) for i in range(4)]
     targets = sum(int(b[1][1].sum()) for b in batches) / sum(b[1][1].numel() for b in batches)
 
@@ -115,7 +118,7 @@ def run_ours(a, s: dict, micro: int) -> dict:
         return engine.train_batch(data_iter=iter(batches))
 
     step_s, loss = timed_steps(step, state.device, a.warmup, a.steps)
-    return {"step_s": step_s, "loss": loss, "target_share": targets, "recompute": bool(a.recompute),
+    return {"step_s": step_s, "loss": loss, "target_share": targets, "recompute": a.recompute,
             "precision": "bf16 (DeepSpeed BF16_Optimizer, ZeRO-1, fp32 grad accumulation)"}
 
 
@@ -167,7 +170,7 @@ def child(a) -> None:
         sys.exit(OOM)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     tokens_per_s = a.micro * s["seq"] / res["step_s"]
-    recompute = bool(res.get("recompute"))
+    recompute = res.get("recompute") or "none"
     model_tflops = flops_per_token(s["layers"], s["hidden"], s["seq"], s["vocab"], recompute=False) * tokens_per_s / 1e12
     hw_tflops = flops_per_token(s["layers"], s["hidden"], s["seq"], s["vocab"], recompute=recompute) * tokens_per_s / 1e12
     peak, source = mfu.resolve_peak(a.peak_tflops, device.type, name if device.type == "cuda" else None)
@@ -181,7 +184,7 @@ def child(a) -> None:
 def run_case(a, impl: str, shape: str, micro: int) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--shape", shape,
            "--micro", str(micro), "--device", a.device, "--seq", str(a.seq), "--warmup", str(a.warmup),
-           "--steps", str(a.steps)] + (["--tiny"] if a.tiny else []) + (["--recompute"] if a.recompute else []) \
+           "--steps", str(a.steps)] + (["--tiny"] if a.tiny else []) + ["--recompute", a.recompute] \
         + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
     # One process, no launcher: DeepSpeed's PipelineModule still reads LOCAL_RANK.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCH)]), LOCAL_RANK="0")
@@ -208,7 +211,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --tiny)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 with --tiny)")
-    ap.add_argument("--recompute", action="store_true", help="our model with activation checkpointing")
+    ap.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                    help="our model's activation recomputation (default none; blocks are compiled on GPUs)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak for MFU")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
