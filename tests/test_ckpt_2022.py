@@ -47,9 +47,22 @@ def train_records(run: Path) -> dict[int, dict]:
 
 
 def unsafe_globals(path: Path) -> set[str]:
-    import torch
+    """Every global the pickle names, whatever this process has allowlisted (torch's own helper leaves out the
+    globals registered with add_safe_globals, which importing DeepSpeed or our loader may have done)."""
+    import pickletools
+    import zipfile
 
-    return set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "GLOBAL":
+            found.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.add(f"{strings[-2]}.{strings[-1]}")
+    return {g for g in found if not g.startswith(("torch.", "collections.OrderedDict", "_codecs."))}
 
 
 def tensors(path: Path) -> dict:

@@ -222,5 +222,5 @@ def test_bad_data_errors_name_the_dataset(tmp_path):
     with pytest.raises(DataError, match="inputs hold 10 documents but targets hold 9"):
         PackedMTFDataset(odd, None, seq_length=63, num_samples=5, seed=1, pad_id=PAD, cache_dir=tmp_path)
     (tmp_path / "odd_inputs_document.idx").write_bytes(b"MMIDIDX\x00\x00garbage")
-    with pytest.raises(DataError, match="cannot read indexed dataset"):
+    with pytest.raises(DataError, match=r"odd_inputs_document\.idx: not a megatron indexed-dataset index"):
         PackedMTFDataset(odd, None, seq_length=63, num_samples=5, seed=1, pad_id=PAD, cache_dir=tmp_path)

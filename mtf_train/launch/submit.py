@@ -308,7 +308,8 @@ def last_failure(run_dir: Path) -> str | None:
 # validation, saves, exits, where things are, its one-line errors), without torchrun's rank prefix. Everything
 # else (library warnings, launcher banners, tracebacks) stays in logs/main.log.
 USER_LINE = re.compile(r"^(training \d+ steps|loaded |step \d+/\d+ \||validation |saved checkpoint |exiting at step "
-                       r"|training finished at step |checkpoint: |metrics: |loss curve: |mtf_train\.train: error: )")
+                       r"|training finished at step |checkpoint: |metrics: |loss curve: |mtf_train\.train: error: "
+                       r"|FLOPs per token: |MFU[ :])")
 RANK_PREFIX = re.compile(r"^\[(?:default|rank)\d+\]:\s?")
 
 
