@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from mtf_train.files import write_atomic
+
 LANGS = ("en", "fr", "es", "zh", "ar", "hi", "sw")
 DATASETS = LANGS + ("code",)
 SEED = 2022
@@ -356,9 +358,6 @@ def write_eval_sample(out_dir: str | Path, seed: int = SEED, rows: int = EVAL_RO
     for family, langs in eval_rows(seed, rows).items():
         for lang, items in langs.items():
             path = Path(out_dir) / "eval" / family / lang / f"{FAMILIES[family].split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
-            tmp.replace(path)
+            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
             written.append(path)
     return written

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from mtf_train.errors import UserError
+from mtf_train.files import write_atomic
 
 
 class EvalError(UserError):
@@ -247,9 +248,7 @@ def write_task_configs(sources: dict[tuple[str, str], dict], out: Path) -> dict:
                 cfg["dataset_name"] = src["dataset_name"]
             if "dataset_kwargs" in src:
                 cfg["dataset_kwargs"] = src["dataset_kwargs"]
-            tmp = out / f".{name}.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False, width=10_000))
-            os.replace(tmp, out / f"{name}.yaml")
+            write_atomic(out / f"{name}.yaml", yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False, width=10_000))
             described[name] = {"task": fam_name, "language": lang, "prompt": p.name, "source": src["source"],
                                "rows": src["rows"]}
     return described

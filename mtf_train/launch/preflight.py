@@ -20,7 +20,8 @@ from mtf_train.errors import UserError
 from mtf_train.launch import slurm
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, runs_root
 from mtf_train.recipe.schema import Recipe
-from mtf_train.render.job import job_env, sbatch_options, srun_options, template_env, write_atomic
+from mtf_train.files import write_atomic
+from mtf_train.render.job import job_env, sbatch_options, srun_options, template_env
 
 SLOW_FRACTION = 0.10  # a node this far below the median is worth excluding
 

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from mtf_train.render.job import write_atomic
+from mtf_train.files import write_atomic
 
 PACKAGES = ("torch", "deepspeed", "megatron-core", "transformers", "mtf-train")
 

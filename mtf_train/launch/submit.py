@@ -29,7 +29,8 @@ from mtf_train.launch import slurm
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, launcher_identity, runs_root
 from mtf_train.plan import Plan, Shape, format_plan
 from mtf_train.recipe.schema import Recipe
-from mtf_train.render.job import render_job, write_atomic
+from mtf_train.files import write_atomic
+from mtf_train.render.job import render_job
 
 
 class SubmitError(UserError):

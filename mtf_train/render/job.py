@@ -13,6 +13,7 @@ import jinja2
 import mtf_train
 from mtf_train.data.pathfile import format_groups
 from mtf_train.errors import UserError
+from mtf_train.files import write_atomic
 from mtf_train.plan import Plan, Shape, format_plan
 from mtf_train.recipe.load import dump_recipe, path_groups
 from mtf_train.recipe.schema import Recipe
@@ -28,17 +29,6 @@ class Rendered:
     run_dir: Path
     job_script: Path
     files: list[Path]
-
-
-def write_atomic(path: Path, text: str, mode: int | None = None) -> Path:
-    """Write under a temporary name and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    if mode is not None:
-        tmp.chmod(mode)
-    os.replace(tmp, path)
-    return path
 
 
 def _arg_lines(args: list[str]) -> list[str]:
