@@ -66,7 +66,7 @@ def wait_for_step(runs: Path, proc: subprocess.Popen, step: int, timeout: float 
 
 # What the terminal shows of a local run: the plan, where the run is, the trainer's own lines. No library noise.
 SHOWN = [r"plan for tiny-local", r"  +\S.*", r"run folder: ", r"running on this machine: bash .* \(full log: ",
-         r"loaded ", r"training \d+ steps \(", r"step \d+/\d+ \| samples \d+ \| loss ", r"saved checkpoint ",
+         r"loaded ", r"training \d+ steps \(", r"FLOPs per token: ", r"MFU: ", r"step \d+/\d+ \| samples \d+ \| loss ", r"saved checkpoint ",
          r"exiting at step \d+ \(kill switch\) after saving; resume with: mtf-train resume ", r"training finished at step",
          r"checkpoint: ", r"metrics: ", r"loss curve: ", r"local run (completed|stopped at step)", r"resuming ", r""]
 
