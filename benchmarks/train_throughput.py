@@ -10,7 +10,7 @@ For each shape (bloom-560m: 24 x 1024, bloom-1b1: 24 x 1536; 16 heads, vocabular
   until it fits.
 Each (implementation, shape) runs in a fresh process (its own peak memory, no state shared). Reported per
 case: micro batch, step time (mean over the timed steps, after warm-up steps that include compilation),
-tokens/s (micro x seq / step), model and hardware TFLOP/s per GPU (`mtf_train.plan.flops_per_token`: model
+tokens/s (micro x seq / step), model and hardware TFLOP/s per GPU (`mtf_train.rules.flops_per_token`: model
 72*l*h^2*(1 + s/6h) + 6*h*V per token; hardware adds recomputation), MFU (model TFLOP/s / the GPU's dense
 bf16 peak, `mtf_train.train.mfu`), peak memory (CUDA allocator; peak RSS on CPU), and ours/HF tokens/s.
 
@@ -157,7 +157,7 @@ def run_hf(a, s: dict, micro: int) -> dict:
 def child(a) -> None:
     import torch
 
-    from mtf_train.plan import flops_per_token
+    from mtf_train.rules import flops_per_token
     from mtf_train.train import mfu
 
     s = case_settings(a, a.shape)

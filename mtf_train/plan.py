@@ -1,122 +1,20 @@
 """The plan: everything derived from a recipe before a job is submitted.
 
-Shape and batch arithmetic, parameter counts, memory per GPU, FLOPs and time. Formulas:
+Parameter counts, memory per GPU, FLOPs and time, on the recipe's shape (recipe/shape.py; its arithmetic and the
+FLOPs formula are rules.py's). Formulas:
 Narayanan et al. 2021 (arXiv:2104.04473) for FLOPs, Korthikanti et al. 2022 (arXiv:2205.05198) for activation memory.
 Pure Python: the CLI's plan path must not import torch.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from mtf_train.recipe.schema import Recipe
-from mtf_train.train.schedule import BatchSchedule  # pure Python, no torch
+from mtf_train.recipe.shape import Shape, derive_shape  # noqa: F401 (plan.Shape, plan.derive_shape: render, launch)
+from mtf_train.rules import flops_per_token, loss_chunk_rows
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def parse_time_minutes(text: str) -> int | None:
-    """SLURM time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. None if malformed."""
-    days, dash, rest = text.strip().partition("-")
-    if not dash:
-        days, rest = "0", days
-    try:
-        d = int(days)
-        parts = [int(p) for p in rest.split(":")]
-    except ValueError:
-        return None
-    if d < 0 or any(p < 0 for p in parts) or not 1 <= len(parts) <= 3:
-        return None
-    if dash:
-        h, m, s = (parts + [0, 0])[:3]
-    elif len(parts) == 1:
-        h, m, s = 0, parts[0], 0
-    elif len(parts) == 2:
-        h, m, s = 0, parts[0], parts[1]
-    else:
-        h, m, s = parts
-    return d * 1440 + h * 60 + m + math.ceil(s / 60)
-
-
-def tokenizer_vocab_size(path: str) -> int | None:
-    """Vocabulary size of a local HF tokenizer folder, read from tokenizer.json without importing transformers."""
-    tj = Path(path) / "tokenizer.json"
-    if not tj.is_file():
-        return None
-    try:
-        data = json.loads(tj.read_text())
-        vocab = data["model"]["vocab"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
-    ids.update(t["id"] for t in data.get("added_tokens", []))
-    return max(ids) + 1
-
-
-@dataclass
-class Shape:
-    """Degrees and batch arithmetic: what validation checks and everything else builds on."""
-    world_size: int
-    tp: int
-    pp: int
-    dp: int | None           # None when world_size is not a multiple of tp*pp
-    micro: int
-    global_batch: int
-    grad_accum: int | None
-    vocab_size: int | None
-    padded_vocab: int | None
-    seq_length: int
-    max_positions: int
-    train_iters: int | None
-    train_samples: int | None
-    exit_minutes: float | None
-    time_minutes: int | None
-    device: str              # "gpu" or "cpu"
-    zero_stage: int          # the stage the runtime will really use
-    units: int               # partitioned units (blocks, plus 2 embedding units for type:transformer|embedding)
-
-
-def derive_shape(r: Recipe) -> Shape:
-    world = r.cluster.nodes * r.cluster.gpus_per_node
-    tp, pp = r.parallel.tp, r.parallel.pp
-    dp = r.parallel.dp if r.parallel.dp is not None else (world // (tp * pp) if world % (tp * pp) == 0 else None)
-    micro, gbs = r.batch.micro, r.batch.global_
-    accum = gbs // (micro * dp) if dp and gbs % (micro * dp) == 0 else None
-
-    vocab = r.model.vocab_size or tokenizer_vocab_size(r.data.tokenizer)
-    if r.model.pad_vocab_size_to is not None:
-        padded = r.model.pad_vocab_size_to
-    elif vocab is not None:
-        mult = r.model.make_vocab_size_divisible_by * tp
-        padded = -(-vocab // mult) * mult
-    else:
-        padded = None
-
-    # The trainer's own schedule, so that plan, data caches and training agree on the length.
-    ru = r.batch.rampup
-    batches = BatchSchedule(gbs, (ru.start, ru.increment, ru.samples) if ru else None)
-    iters, samples = r.training.train_iters, r.training.train_samples
-    if samples is not None:
-        iters = batches.iterations(samples)
-    elif iters is not None:
-        samples = batches.samples(iters)
-
-    time_min = parse_time_minutes(r.cluster.time)
-    exit_min = r.training.exit_duration_in_mins
-    if exit_min is None and time_min is not None:
-        exit_min = max(1, time_min - r.cluster.save_margin_mins)
-
-    zero = r.precision.zero_stage
-    if r.runtime.kind == "mtf_train" and r.precision.dtype == "bf16":
-        zero = 1  # current DeepSpeed: BF16_Optimizer resumes only as ZeRO-1 + fp32 grad accumulation
-
-    method = r.parallel.partition_method
-    units = r.model.num_layers + (2 if method == "type:transformer|embedding" else 0)
-    return Shape(world, tp, pp, dp, micro, gbs, accum, vocab, padded, r.model.seq_length,
-                 r.model.max_position_embeddings or r.model.seq_length, iters, samples, exit_min, time_min,
-                 r.cluster.accelerator, zero, units)
 
 
 @dataclass
@@ -173,25 +71,6 @@ class Plan:
         return json.dumps(asdict(self), indent=2)
 
 
-def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int, recompute: bool | str,
-                    flex: bool = False) -> float:
-    """Training FLOPs per token (Narayanan et al. 2021): 96 * l * h^2 * (1 + s/(6h) + V/(16*l*h)) with full
-    recomputation, the per-step formula divided by the B*s tokens of a step. Its last term is the LM head's
-    6*h*V, which is never recomputed: without recomputation only the blocks' 96 becomes 72, giving
-    72*l*h^2*(1 + s/(6h)) + 6*h*V = 6N + 12*l*h*s (N with the head), the model FLOPs for MFU.
-    `recompute`: a mode (none, selective, full) or finetune_t0's bool. Selective recomputation repeats no GEMM;
-    with the reference attention it repeats the attention core's forward (QK^T and PV: 4*s*h per token and
-    layer), with FlexAttention (`flex`) nothing of note (its fused kernel's output is kept)."""
-    mode = recompute if isinstance(recompute, str) else ("full" if recompute else "none")
-    if mode not in ("none", "selective", "full"):
-        raise ValueError(f"unknown recompute mode {mode!r}")
-    blocks = (96 if mode == "full" else 72) * num_layers * hidden * hidden * (1 + seq / (6 * hidden))
-    flops = blocks + 6 * hidden * vocab
-    if mode == "selective" and not flex:
-        flops += 4 * num_layers * seq * hidden
-    return flops
-
-
 # --- activation memory ------------------------------------------------------------------------------------
 # What the built-in trainer's block really keeps for backward, per micro batch, counted tensor by tensor from
 # model.py / attention.py as eager autograd saves them (tests/test_plan_memory.py measures the saved tensors
@@ -209,12 +88,7 @@ def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int, recomput
 # A block being recomputed in backward holds, for that moment, the difference to `none` once per stage.
 # torch.compile's partitioner may keep less than eager (it recomputes cheap pointwise ops), never more.
 
-# The chunked LM-head loss (train/loss.py) takes as many rows per chunk as make one chunk's float32 logits
-# about this large (at least 64 rows, a multiple of 64 so GPU matrix multiplies keep full tiles). On GPUs each
-# chunk of a low-precision weight also adds its weight gradient into a float32 sum (a pass over 6 bytes x V x h),
-# so chunks there are larger: 1 GiB is 1024 rows at V = 250880, two to three chunks per micro batch of 4 x 2048
-# with a quarter targets.
-LOSS_CHUNK_BYTES = {"cuda": 2**30, "cpu": 256 * 2**20}
+# The LM head's loss chunks: rules.loss_chunk_rows, shared with train/loss.py.
 # auto recomputation keeps this share of GPU memory free (CUDA context, NCCL buffers, allocator fragmentation).
 MEMORY_HEADROOM = 0.10
 
@@ -237,12 +111,6 @@ def block_activation_bytes(mode: str, s: int, b: int, h: int, a: int, tp: int, e
     else:
         attention = 4 / tp * sbh * e + a / tp * s * s * b * (4 + (e if e < 4 else 0))
     return (4 + 8 / tp) * sbh * e + attention + ln_stats
-
-
-def loss_chunk_rows(local_vocab: int, device_type: str = "cuda") -> int:
-    """Rows per chunk of the chunked vocabulary-parallel loss over a head of `local_vocab` rows (V / tp)."""
-    chunk_bytes = LOSS_CHUNK_BYTES.get(device_type, LOSS_CHUNK_BYTES["cuda"])
-    return max(64, chunk_bytes // (4 * local_vocab) // 64 * 64)
 
 
 def head_activation_bytes(s: int, b: int, h: int, vocab: int, tp: int, e: int) -> float:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtf_train.plan import flops_per_token
+from mtf_train.rules import flops_per_token
 from mtf_train.train import mfu
 
 

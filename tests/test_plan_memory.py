@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtf_train.plan import block_activation_bytes, flops_per_token, head_activation_bytes, loss_chunk_rows
+from mtf_train.plan import block_activation_bytes, head_activation_bytes
+from mtf_train.rules import flops_per_token, loss_chunk_rows
 from tests.helpers import RECIPES, mtf, one_line_error
 from tests.test_plan_render import plan_json
 

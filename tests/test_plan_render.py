@@ -12,7 +12,7 @@ import pytest
 from mtf_train.data.mixture import load_mixture
 from mtf_train.recipe.load import load_recipe
 from mtf_train.recipe.validate import validate
-from mtf_train.plan import parse_time_minutes
+from mtf_train.rules import parse_time_minutes
 from tests.helpers import RECIPES, ROOT, mtf
 
 

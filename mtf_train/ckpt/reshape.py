@@ -31,6 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtf_train import rules
 from mtf_train.ckpt.layout import (Checkpoint, CkptError, SkeletonFile, TorchFile, VerifyError,
                                    empty_like_shape, human, load_small, mem_available, staged)
 
@@ -115,15 +116,13 @@ def read_source(folder, step: int | None = None) -> Source:
 
 
 def target_padded_vocab(src: Source, tp: int) -> int:
-    """What the trainer computes at TP `tp` (loop.padded_vocab_size), from the saved args."""
+    """What the trainer computes at TP `tp` (rules.padded_vocab), from the saved args."""
     a = src.args
-    if a.get("pad_vocab_size_to"):
-        padded = int(a["pad_vocab_size_to"])
-    elif src.original_vocab == src.padded_vocab or not a.get("make_vocab_size_divisible_by"):
+    pad_to = int(a["pad_vocab_size_to"]) if a.get("pad_vocab_size_to") else None
+    if pad_to is None and (src.original_vocab == src.padded_vocab or not a.get("make_vocab_size_divisible_by")):
         padded = src.padded_vocab  # no tokenizer size known: keep the rows as they are
     else:
-        mult = int(a["make_vocab_size_divisible_by"]) * tp
-        padded = -(-src.original_vocab // mult) * mult
+        padded = rules.padded_vocab(src.original_vocab, tp, int(a.get("make_vocab_size_divisible_by") or 1), pad_to)
     if padded % tp:
         raise CkptError("--tp", f"the padded vocabulary ({padded}) does not split over {tp} tensor ranks")
     return padded
@@ -141,7 +140,7 @@ def check_shape(src: Source, tp: int, pp: int, dp: int) -> None:
         dim = tp_partition_dim(name)
         if dim is not None and "word_embeddings" not in name and shape[dim] % tp:
             raise CkptError("--tp", f"{name} ({shape[dim]} on dim {dim}) does not split over {tp} tensor ranks")
-    units = src.num_layers + 2 if "embedding" in src.partition_method else src.num_layers
+    units = rules.partition_units(src.num_layers, src.partition_method)
     if pp > units:
         raise CkptError("--pp", f"{pp} pipeline stages exceed the {units} units partitioned by "
                         f"{src.partition_method!r}")

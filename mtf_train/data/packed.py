@@ -22,6 +22,7 @@ from mtf_train.data import cache, packing
 from mtf_train.data.errors import DataError
 from mtf_train.data.indexed import MTFPair
 from mtf_train.data.pathfile import Group
+from mtf_train.rules import eval_samples_per_group
 
 INDEX_VERSION = 1
 
@@ -184,16 +185,16 @@ class SampleCounts:
 def recipe_sample_counts(recipe) -> SampleCounts:
     """The sample counts a recipe implies, as the trainer passes them to build_datasets (same cache keys).
 
-    eval samples per group = (train_iters // eval_interval + 1) * eval_iters * global_batch (Megatron's sizing).
+    Eval samples per group: rules.eval_samples_per_group, which the trainer calls with its arguments.
     """
-    from mtf_train.plan import derive_shape
+    from mtf_train.recipe.shape import derive_shape
 
     shape = derive_shape(recipe)
     if shape.train_samples is None or shape.train_iters is None:
         raise DataError(str(getattr(getattr(recipe, "origin", None), "path", "recipe")),
                         "set training.train_samples or training.train_iters", field="training")
     ev = recipe.eval
-    eval_samples = (shape.train_iters // ev.interval + 1) * ev.iters * recipe.batch.global_
+    eval_samples = eval_samples_per_group(shape.train_iters, ev.interval, ev.iters, recipe.batch.global_)
     return SampleCounts(shape.train_samples, shape.train_iters, eval_samples)
 
 

@@ -9,8 +9,9 @@ import os
 import re
 
 from mtf_train.errors import RecipeError
-from mtf_train.plan import Shape, derive_shape, parse_time_minutes
 from mtf_train.recipe.schema import Recipe
+from mtf_train.recipe.shape import Shape, derive_shape
+from mtf_train.rules import parse_time_minutes
 
 PARTITION_METHODS = ("type:transformer|embedding", "type:transformer", "uniform", "parameters")
 # Values written into #SBATCH lines are read by sbatch, not a shell: keep them to characters it takes literally.

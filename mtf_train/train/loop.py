@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mtf_train.plan import flops_per_token
+from mtf_train.rules import BatchSchedule, eval_samples_per_group, flops_per_token, padded_vocab
 from mtf_train.train import checkpoint as ckpt
 from mtf_train.train import mfu
 from mtf_train.train.feed import Feed
 from mtf_train.train.metrics import Metrics
-from mtf_train.train.schedule import BatchSchedule, LRSchedule
+from mtf_train.train.schedule import LRSchedule
 
 
 class ExitFlags:
@@ -55,15 +55,6 @@ class ExitFlags:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return {0: None, 1: "kill switch", 2: f"signal {self.signal or ''}".strip(), 3: "exit duration",
                 4: "exit interval"}[int(flag.item())]
-
-
-def padded_vocab_size(vocab: int, args) -> int:
-    if args.pad_vocab_size_to is not None:
-        if args.pad_vocab_size_to < vocab:
-            raise ValueError(f"--pad-vocab-size-to {args.pad_vocab_size_to} is smaller than the tokenizer ({vocab})")
-        return args.pad_vocab_size_to
-    mult = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return -(-vocab // mult) * mult
 
 
 def make_optimizer(model: torch.nn.Module, args, on_gpu: bool) -> torch.optim.Optimizer:
@@ -102,7 +93,10 @@ def run(args) -> int:
     exits = ExitFlags(args, start)
 
     _, tok = load_tokenizer(args.tokenizer_name_or_path)
-    padded = padded_vocab_size(tok.vocab_size, args)
+    padded = padded_vocab(tok.vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by,
+                          args.pad_vocab_size_to)
+    if padded < tok.vocab_size:
+        raise ValueError(f"--pad-vocab-size-to {padded} is smaller than the tokenizer ({tok.vocab_size})")
     dtype = torch.float32  # DeepSpeed casts the module for fp16/bf16 and keeps fp32 master weights
     config = BloomModelConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_heads=args.num_attention_heads,
@@ -125,10 +119,7 @@ def run(args) -> int:
         fuse_hp_grad_accumulation(engine.optimizer)  # no per-parameter Python call per micro batch
 
     batches = BatchSchedule(args.global_batch_size, tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
-    if args.train_samples is not None:
-        train_samples, train_iters = args.train_samples, batches.iterations(args.train_samples)
-    else:
-        train_iters, train_samples = args.train_iters, batches.samples(args.train_iters)
+    train_iters, train_samples = batches.length(args.train_iters, args.train_samples)
     lr_at = LRSchedule(args.lr, args.min_lr, args.lr_decay_style, args.lr_warmup_samples,
                        args.lr_decay_samples or train_samples)
 
@@ -147,7 +138,7 @@ def run(args) -> int:
     # Data: the training blend and one validation blend per group, sized like Megatron's.
     train_groups = read_path_file(args.train_weighted_split_paths_path)
     valid_groups = read_path_file(args.valid_weighted_split_paths_path) if args.valid_weighted_split_paths_path else []
-    eval_samples = (train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size
+    eval_samples = eval_samples_per_group(train_iters, args.eval_interval, args.eval_iters, args.global_batch_size)
     train_ds, valid_ds = build_datasets(train_groups, valid_groups, seq_length=args.seq_length,
                                         train_samples=train_samples, eval_samples_per_group=eval_samples,
                                         seed=args.seed, pad_id=tok.pad_id, cache_dir=args.data_cache_dir)

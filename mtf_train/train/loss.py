@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mtf_train import rules
 
 
 def prepare_batch(
@@ -81,10 +82,8 @@ def vocab_parallel_token_losses(vocab_parallel_logits: torch.Tensor, labels: tor
 
 
 def default_chunk_rows(local_vocab: int, device_type: str = "cpu") -> int:
-    """Rows per chunk: the plan's rule (`plan.loss_chunk_rows`), so its memory model counts what runs."""
-    from mtf_train.plan import loss_chunk_rows
-
-    return loss_chunk_rows(local_vocab, device_type)
+    """Rows per chunk: `rules.loss_chunk_rows`, which the plan's memory model counts too."""
+    return rules.loss_chunk_rows(local_vocab, device_type)
 
 
 class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Model FLOPs utilisation: the peak dense bf16/fp16 tensor TFLOP/s of a GPU from its name, and the log's
 one-time explanation of how MFU and TFLOP/s are computed. Imports no torch (the table is unit-tested alone).
 
-MFU = model TFLOP/s per GPU / peak, where model FLOPs per token are `plan.flops_per_token` without
+MFU = model TFLOP/s per GPU / peak, where model FLOPs per token are `rules.flops_per_token` without
 recomputation (Narayanan et al. 2021: the LM head counted at every position, as is customary), so MFU does
 not reward recomputing or penalise skipping work. Hardware TFLOP/s add the activation recomputation.
 """

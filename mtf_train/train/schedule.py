@@ -1,6 +1,6 @@
-"""Learning rate and batch size as functions of consumed samples (Megatron's convention).
+"""Learning rate as a function of consumed samples (Megatron's convention; the batch size's is rules.BatchSchedule).
 
-Both are pure functions of training progress, so a resumed run picks them up exactly where it stopped.
+A pure function of training progress, so a resumed run picks it up exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -28,30 +28,3 @@ class LRSchedule:
         else:
             coeff = 0.5 * (math.cos(math.pi * progress) + 1.0)
         return self.min_lr + coeff * (self.lr - self.min_lr)
-
-
-@dataclass(frozen=True)
-class BatchSchedule:
-    """Global batch size after `consumed` samples, with Megatron's linear ramp-up."""
-    global_batch: int
-    rampup: tuple[int, int, int] | None = None   # start, increment, ramp-up samples
-
-    def __call__(self, consumed: int) -> int:
-        if self.rampup is None:
-            return self.global_batch
-        start, inc, samples = self.rampup
-        steps = max(1, (self.global_batch - start) // inc)
-        return min(self.global_batch, start + int(consumed / (samples / steps)) * inc)
-
-    def iterations(self, train_samples: int) -> int:
-        consumed = iters = 0
-        while consumed < train_samples:
-            consumed += self(consumed)
-            iters += 1
-        return iters
-
-    def samples(self, iters: int) -> int:
-        consumed = 0
-        for _ in range(iters):
-            consumed += self(consumed)
-        return consumed
