@@ -74,14 +74,15 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_reshape_layout_names_follow_the_model():
-    """reshape partitions stages by the layer specs' names without importing the model: keep them equal."""
+    """reshape partitions stages by `hf_names.layer_spec_names` without importing the model, which builds its
+    specs from the same list: each name must be the class or function DeepSpeed's `type:` partitioning sees."""
     from deepspeed.pipe import LayerSpec
 
-    from mtf_train.ckpt.reshape import spec_names
+    from mtf_train.train.hf_names import layer_spec_names
     from mtf_train.train.model import BloomModelConfig, layer_specs
 
     specs = layer_specs(BloomModelConfig(num_layers=3, hidden_size=8, num_heads=2, padded_vocab_size=16))
-    assert spec_names(3) == [s.typename.__name__ if isinstance(s, LayerSpec) else s.__name__ for s in specs]
+    assert layer_spec_names(3) == [s.typename.__name__ if isinstance(s, LayerSpec) else s.__name__ for s in specs]
 
 
 def test_inspect_reads_shape_and_sizes(trained, env):

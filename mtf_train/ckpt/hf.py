@@ -1,7 +1,7 @@
 """`mtf-train ckpt export-hf` and `import-hf`: our layout <-> a transformers BloomForCausalLM folder.
 
 Export streams: each parameter's tensor-parallel shards are read from the layer files, merged with BLOOM's
-rules (`hf_names.merge_tp`), renamed (`hf_names.to_hf_name`) and added to the current safetensors shard, which
+rules (`hf_names.merge_tensor`), renamed (`hf_names.to_hf_name`) and added to the current safetensors shard, which
 is written once it reaches `--shard-size` (memory: one shard plus one parameter). The vocabulary keeps its
 padded size, as BLOOM's own HF config does (250880 rows for a 250680-token tokenizer), so `vocab_size` is the
 padded size and the logits of the padding rows are kept too. `config.json` has BLOOM's special token ids
@@ -92,7 +92,7 @@ def export_hf(folder, output, *, step: int | None = None, dtype: str | None = No
             for name in hf_names.expected_module_names(L):
                 layer, key = hf_names.module_name_to_layer_key(name)
                 parts = [lazies[(layer, t)][key].load() for t in range(ck.tp)]
-                full = hf_names.merge_tp([{name: p} for p in parts])[name]
+                full = hf_names.merge_tensor(name, parts)
                 saved_dtype = saved_dtype or full.dtype
                 if cast is not None:
                     full = full.to(cast)

@@ -34,6 +34,7 @@ from pathlib import Path
 from mtf_train import rules
 from mtf_train.ckpt.layout import (Checkpoint, CkptError, SkeletonFile, TorchFile, VerifyError,
                                    empty_like_shape, human, load_small, mem_available, staged)
+from mtf_train.train import hf_names
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 # what the trainer itself puts in the client state (checkpoint.save); DeepSpeed adds the rest
@@ -73,7 +74,6 @@ class Source:
 
 def read_source(folder, step: int | None = None) -> Source:
     from mtf_train.ckpt.client import read_checkpoint
-    from mtf_train.train import hf_names
 
     ck, state = read_checkpoint(folder, step)
     client = load_small(ck.mp_files[0])
@@ -135,9 +135,7 @@ def check_shape(src: Source, tp: int, pp: int, dp: int) -> None:
     if src.num_heads % tp:
         raise CkptError("--tp", f"{src.num_heads} attention heads are not divisible by tensor parallel size {tp}")
     for name, shape in src.full_shapes.items():
-        from mtf_train.train.hf_names import tp_partition_dim
-
-        dim = tp_partition_dim(name)
+        dim = hf_names.tp_partition_dim(name)
         if dim is not None and "word_embeddings" not in name and shape[dim] % tp:
             raise CkptError("--tp", f"{name} ({shape[dim]} on dim {dim}) does not split over {tp} tensor ranks")
     units = rules.partition_units(src.num_layers, src.partition_method)
@@ -149,19 +147,12 @@ def check_shape(src: Source, tp: int, pp: int, dp: int) -> None:
 # --- DeepSpeed's layout, reproduced -------------------------------------------------------------------------
 
 
-def spec_names(num_layers: int) -> list[str]:
-    """The class / function names of `model.layer_specs`, in order (what DeepSpeed's `type:` partitioning
-    matches), without importing the model (megatron-core costs seconds); a test keeps the two equal."""
-    return (["pipe_inputs", "BloomEmbedding", "into_blocks"] + ["BloomTransformerLayer"] * num_layers
-            + ["drop_segment_ids", "BloomFinalLayerNorm", "BloomEmbedding"])
-
-
 def stage_parts(src: Source, pp: int, tp: int) -> list[int]:
     """DeepSpeed PipelineModule's `parts` (stage boundaries over the layer specs) for `pp` stages."""
     import regex
     from deepspeed.runtime import utils as ds_utils
 
-    specs = spec_names(src.num_layers)
+    specs = hf_names.layer_spec_names(src.num_layers)
     method = src.partition_method.lower()
     if method == "uniform":
         return ds_utils.partition_uniform(num_items=len(specs), num_parts=pp)
@@ -172,24 +163,12 @@ def stage_parts(src: Source, pp: int, tp: int) -> list[int]:
             weights.append(1 if rx.search(name) else 0)
         return ds_utils.partition_balanced(weights=weights, num_parts=pp)
     if method == "parameters":
-        counts = [sum(math.prod(shape) // (tp if _tp_dim(n) is not None else 1)
-                      for n, shape in src.full_shapes.items() if _spec_index(n, src.num_layers) == i)
+        counts = [sum(math.prod(shape) // (tp if hf_names.tp_partition_dim(n) is not None else 1)
+                      for n, shape in src.full_shapes.items() if hf_names.module_name_to_layer_key(n)[0] == i)
                   for i in range(len(specs))]
         return ds_utils.partition_balanced(weights=counts, num_parts=pp)
     raise CkptError(str(src.ck.path), f"partition method {src.partition_method!r} is not supported by the direct "
                     "method (use --method universal)")
-
-
-def _tp_dim(name):
-    from mtf_train.train.hf_names import tp_partition_dim
-
-    return tp_partition_dim(name)
-
-
-def _spec_index(name: str, num_layers: int) -> int:
-    from mtf_train.train.hf_names import module_name_to_layer_key
-
-    return module_name_to_layer_key(name)[0]
 
 
 @dataclass
@@ -215,8 +194,6 @@ class StageLayout:
 
 def stage_names(src: Source, parts: list[int], stage: int) -> list[str]:
     """Parameter names of one pipeline stage in module order (tied modules first, then layers)."""
-    from mtf_train.train import hf_names
-
     L = src.num_layers
     lo, hi = parts[stage], parts[stage + 1]
     names = []
@@ -232,7 +209,7 @@ def shard_shape(full: tuple, name: str, tp: int, padded_vocab: int | None = None
     shape = list(full)
     if padded_vocab is not None and name.endswith("word_embeddings.weight"):
         shape[0] = padded_vocab
-    dim = _tp_dim(name)
+    dim = hf_names.tp_partition_dim(name)
     if dim is not None:
         shape[dim] //= tp
     return tuple(shape)
@@ -348,17 +325,10 @@ class SourceStates:
 
     def full(self, name: str, state: str, shard_shapes: list):
         """The TP-merged state (None when the optimizer has not stepped yet)."""
-        import torch
-
-        from mtf_train.train.hf_names import tp_partition_dim
-
         shards = [self.shard(name, state, t, shard_shapes[t]) for t in range(self.src.ck.tp)]
         if shards[0] is None:
             return None
-        dim = tp_partition_dim(name)
-        if dim is None:
-            return shards[0] if len(shards) == 1 else torch.stack(shards).mean(0)
-        return shards[0] if len(shards) == 1 else torch.cat(shards, dim=dim)
+        return hf_names.merge_tensor(name, shards)
 
 
 def check_source_layout(src: Source, states: SourceStates) -> None:
@@ -391,13 +361,6 @@ def vocab_rows(t, padded: int, original: int):
         return t
     t = t[:original]
     return torch.cat([t, t.new_zeros((padded - original, *t.shape[1:]))]) if padded > original else t[:padded]
-
-
-def split_for(t, name: str, tp: int, tp_rank: int):
-    dim = _tp_dim(name)
-    if dim is None:
-        return t
-    return t.chunk(tp, dim=dim)[tp_rank]
 
 
 def new_args(src: Source, tp: int, pp: int, out: Path, padded: int) -> dict:
@@ -436,8 +399,6 @@ def write_direct(src: Source, tp: int, pp: int, dp: int, dest: Path, final_out: 
 
     from mtf_train.ckpt.layout import materialize
     from mtf_train.train import checkpoint as trainer_ckpt
-    from mtf_train.train import hf_names
-    from mtf_train.train.hf_names import tp_partition_dim
 
     ck = src.ck
     padded = target_padded_vocab(src, tp)
@@ -455,16 +416,13 @@ def write_direct(src: Source, tp: int, pp: int, dp: int, dest: Path, final_out: 
             shards = [load_small(ck.layer_files[(layer, t)]) for t in range(ck.tp)]
             merged = {}
             for key in shards[0]:
-                dim = tp_partition_dim(key)
-                parts = [s[key] for s in shards]
-                full = parts[0] if len(parts) == 1 else (torch.stack(parts).mean(0) if dim is None
-                                                          else torch.cat(parts, dim=dim))
+                full = hf_names.merge_tensor(key, [s[key] for s in shards])
                 if key == "word_embeddings.weight":
                     full = vocab_rows(full, padded, src.original_vocab)
                 merged[key] = full
             del shards
             for t in range(tp):
-                out = {k: split_for(v, k, tp, t).clone() for k, v in merged.items()}
+                out = {k: hf_names.split_tensor(k, v, tp, t).clone() for k, v in merged.items()}
                 path = step_dir / f"layer_{layer:02d}-model_{t:02d}-model_states.pt"
                 torch.save(out, path)
                 written += path.stat().st_size
@@ -547,7 +505,7 @@ def write_direct(src: Source, tp: int, pp: int, dp: int, dest: Path, final_out: 
                     if name.endswith("word_embeddings.weight"):
                         full = vocab_rows(full, padded, src.original_vocab)
                     for t in range(tp):
-                        piece = split_for(full, name, tp, t).reshape(-1)
+                        piece = hf_names.split_tensor(name, full, tp, t).reshape(-1)
                         for stage, t2 in where[name]:
                             if t2 != t:
                                 continue

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 EMBED_LAYER = 1
 FIRST_BLOCK_LAYER = 3
 TIED_PREFIX = "tied_modules.embed."
@@ -147,22 +145,44 @@ def tp_partition_dim(name: str) -> int | None:
     return 1 if _ROW_PARALLEL_KEY.match(key) else 0
 
 
+def split_tensor(name: str, tensor: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+    """The part of one full parameter (or optimizer state) that TP rank `tp_rank` of `tp` holds: a view."""
+    import torch  # here, not at the top: the checkpoint tools read names without loading torch
+
+    dim = tp_partition_dim(name)
+    if dim is None:
+        return tensor
+    if tensor.shape[dim] % tp:
+        raise ValueError(f"{name}: dim {dim} of size {tensor.shape[dim]} does not split over {tp} ranks")
+    return torch.chunk(tensor, tp, dim=dim)[tp_rank]
+
+
+def merge_tensor(name: str, parts: list) -> torch.Tensor:
+    """Inverse of `split_tensor`: average replicated parameters, concatenate the others (one part: itself)."""
+    import torch
+
+    if len(parts) == 1:
+        return parts[0]
+    dim = tp_partition_dim(name)
+    return torch.stack(parts).mean(0) if dim is None else torch.cat(parts, dim=dim)
+
+
 def split_tp(state_dict: dict, tp: int, tp_rank: int) -> dict:
-    """The shard of a full (TP=1) state dict that TP rank `tp_rank` of `tp` holds."""
-    out = {}
-    for name, tensor in state_dict.items():
-        dim = tp_partition_dim(name)
-        if dim is not None and tensor.shape[dim] % tp:
-            raise ValueError(f"{name}: dim {dim} of size {tensor.shape[dim]} does not split over {tp} ranks")
-        out[name] = tensor.clone() if dim is None else torch.chunk(tensor, tp, dim=dim)[tp_rank].clone()
-    return out
+    """The shard of a full (TP=1) state dict that TP rank `tp_rank` of `tp` holds (copies)."""
+    return {name: split_tensor(name, tensor, tp, tp_rank).clone() for name, tensor in state_dict.items()}
 
 
 def merge_tp(shards: list[dict]) -> dict:
-    """Inverse of `split_tp`: average replicated parameters, concatenate the others."""
-    out = {}
-    for name in shards[0]:
-        parts = [s[name] for s in shards]
-        dim = tp_partition_dim(name)
-        out[name] = torch.stack(parts).mean(0) if dim is None else torch.cat(parts, dim=dim)
-    return out
+    """Inverse of `split_tp`: the full state dict from every TP rank's shard."""
+    return {name: merge_tensor(name, [s[name] for s in shards]) for name in shards[0]}
+
+
+# --- pipeline layer specs ---------------------------------------------------------------------------------------
+
+
+def layer_spec_names(num_layers: int) -> list[str]:
+    """The class / function names of `model.layer_specs`, in order: what DeepSpeed's `type:` partitioning matches.
+    The model builds its specs from this list, and the checkpoint tools partition stages with it without
+    importing the model (megatron-core costs seconds). Index = layer file number (EMBED_LAYER, FIRST_BLOCK_LAYER...)."""
+    return (["pipe_inputs", "BloomEmbedding", "into_blocks"] + ["BloomTransformerLayer"] * num_layers
+            + ["drop_segment_ids", "BloomFinalLayerNorm", "BloomEmbedding"])
