@@ -1,6 +1,7 @@
 """The built-in trainer's model half, in one process (TP=1): HF parity, packed attention, loss, layout."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -466,7 +467,7 @@ def test_activation_checkpointing_same_loss_and_grads_with_dropout(tp1):
     tokens, labels, mask, seg_t = prepare_batch(ids, seg, is_input)
     results = []
     for ckpt in (False, True):
-        model = _model(base.replace(checkpoint_activations=ckpt)).train()
+        model = _model(dataclasses.replace(base, checkpoint_activations=ckpt)).train()
         parallel.seed_everything(7, tp1)
         loss = model(tokens, seg_t, labels, mask)
         loss.backward()

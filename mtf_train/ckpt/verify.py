@@ -13,7 +13,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from mtf_train.ckpt.layout import VerifyError
@@ -159,7 +158,3 @@ def compare(reference: dict, got: dict, dtype: str, vocab: int, what: str, steps
     if bad:
         raise VerifyError(what, "verification failed: " + "; ".join(bad))
     return lines
-
-
-def scratch_dir(near: Path) -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix=".mtf-verify-", dir=near if near.is_dir() else None)

@@ -18,12 +18,6 @@ from argparse import Namespace
 from pathlib import Path
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def load_hf_weights(model, hf_dir: str, num_layers: int, padded_vocab: int, tp: int, tp_rank: int) -> None:
     """This stage's parameters from a transformers BLOOM folder (safetensors), split for `tp_rank`."""
     import torch

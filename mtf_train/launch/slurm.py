@@ -63,10 +63,6 @@ def sbatch(args: list[str]) -> tuple[str | None, str]:
     return job_id, ""
 
 
-def _base(job_id: str) -> str:
-    return job_id.split("_")[0].split(".")[0]
-
-
 def job_states(job_ids: list[str]) -> dict[str, JobState]:
     """State of each job: squeue (jobs slurmctld still knows), then sacct (accounting) for the rest."""
     out: dict[str, JobState] = {}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -121,11 +121,6 @@ class BloomModelConfig:
             attention_dropout=self.attention_dropout,
             apply_residual_connection_post_layernorm=False,
         )
-
-    def replace(self, **changes) -> "BloomModelConfig":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return BloomModelConfig(**values)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -533,21 +528,21 @@ def lm_head_inputs(embedding: BloomEmbedding, hidden: torch.Tensor) -> torch.Ten
 
 
 def layer_specs(config: BloomModelConfig) -> list:
-    """DeepSpeed layer specs in GPTModelPipe order (see the module docstring)."""
+    """DeepSpeed layer specs in GPTModelPipe order (see the module docstring), one per name of
+    `hf_names.layer_spec_names`, whose index is the layer's file number."""
     tied = dict(tied_weight_attr=["word_embeddings.weight"])
-    specs = [
-        pipe_inputs,
-        TiedLayerSpec("embed", BloomEmbedding, config, hf_names.EMBED_LAYER, **tied),
-        into_blocks,
-    ]
-    specs += [
-        LayerSpec(BloomTransformerLayer, config, hf_names.FIRST_BLOCK_LAYER + i) for i in range(config.num_layers)
-    ]
-    specs += [
-        drop_segment_ids,
-        LayerSpec(BloomFinalLayerNorm, config, hf_names.final_norm_layer(config.num_layers)),
-        TiedLayerSpec("embed", BloomEmbedding, config, hf_names.EMBED_LAYER, forward_fn=lm_head_inputs, **tied),
-    ]
+    functions = {f.__name__: f for f in (pipe_inputs, into_blocks, drop_segment_ids)}
+    layers = {c.__name__: c for c in (BloomTransformerLayer, BloomFinalLayerNorm)}
+    head = hf_names.lm_head_layer(config.num_layers)
+    specs = []
+    for index, name in enumerate(hf_names.layer_spec_names(config.num_layers)):
+        if name in functions:
+            specs.append(functions[name])
+        elif name == BloomEmbedding.__name__:  # the input embedding and, tied to it, the LM head
+            head_fn = dict(forward_fn=lm_head_inputs) if index == head else {}
+            specs.append(TiedLayerSpec("embed", BloomEmbedding, config, hf_names.EMBED_LAYER, **head_fn, **tied))
+        else:
+            specs.append(LayerSpec(layers[name], config, index))
     return specs
 
 
