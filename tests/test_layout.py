@@ -112,3 +112,4 @@ def test_exceptions_name_real_modules():
     names = {name for name, _ in _modules()}
     for src, dst in EXCEPTIONS:
         assert src in names and dst in names, f"stale entry in EXCEPTIONS: {src} -> {dst}"
+

@@ -20,6 +20,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from mtf_train.ckpt.layout import Checkpoint, CkptError, human, mem_available
+from mtf_train.files import atomic_path, write_atomic
 
 
 def bloom_info(state) -> dict:
@@ -135,15 +136,12 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
             sd = ClientState.read(safe_load(mp)).ours()
             if injected is not None:
                 sd[UNIVERSAL_CHECKPOINT_INFO] = injected
-            tmp = mp.with_name(mp.name + ".tmp")
-            torch.save(sd, tmp)
-            os.replace(tmp, mp)
+            with atomic_path(mp) as tmp:
+                torch.save(sd, tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(out, final)
-        tmp_latest = root / f".latest_universal.tmp{os.getpid()}"
-        tmp_latest.write_text(final.name)
-        os.replace(tmp_latest, root / "latest_universal")
+        write_atomic(root / "latest_universal", final.name)
     except CkptError:
         raise
     except (AssertionError, RuntimeError, ValueError, KeyError, OSError) as err:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from mtf_train.ckpt.layout import VerifyError
+from mtf_train.files import atomic_path
 
 # (relative tolerance of losses, absolute tolerance of logits relative to their largest magnitude)
 TOLERANCE = {"float32": (2e-5, 1e-4), "bfloat16": (1e-3, 2e-2), "float16": (1e-3, 1e-2)}
@@ -85,10 +86,8 @@ def run_worker(spec: dict, workdir: Path, timeout: float | None = None, label: s
     result = _run_worker(spec, workdir, timeout, label)
     if cached is not None:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{os.getpid()}")
-            shutil.copyfile(workdir / f"{label or spec['mode']}.result.pt", tmp)
-            os.replace(tmp, cached)
+            with atomic_path(cached) as tmp:
+                shutil.copyfile(workdir / f"{label or spec['mode']}.result.pt", tmp)
         except OSError:
             pass
     return result

@@ -19,6 +19,7 @@ import numpy as np
 
 from mtf_train.data.errors import DataError
 from mtf_train.data.packing import PackIndex
+from mtf_train.files import atomic_path
 
 MAGIC = b"MTFPACK\x01"
 _HEAD = struct.Struct("<8sqqqqqq")  # magic, rows, docs, skipped, epochs, rows_per_epoch, reserved
@@ -56,19 +57,13 @@ def cache_dir_for(prefix: str, cache_dir: str | os.PathLike | None = None) -> Pa
 
 
 def save_index(path: Path, index: PackIndex) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(_HEAD.pack(MAGIC, index.rows, len(index.doc_ids), index.skipped, index.epochs,
-                                index.rows_per_epoch, 0))
-            fh.write(np.ascontiguousarray(index.row_offsets, dtype="<i8").tobytes())
-            fh.write(np.ascontiguousarray(index.doc_ids, dtype="<i4").tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(_HEAD.pack(MAGIC, index.rows, len(index.doc_ids), index.skipped, index.epochs,
+                            index.rows_per_epoch, 0))
+        fh.write(np.ascontiguousarray(index.row_offsets, dtype="<i8").tobytes())
+        fh.write(np.ascontiguousarray(index.doc_ids, dtype="<i4").tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def load_index(path: Path) -> PackIndex | None:

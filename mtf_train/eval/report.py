@@ -3,11 +3,12 @@ training step, and the one-line summary `mtf-train status` prints. Reads only re
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 from importlib import metadata
 from pathlib import Path
+
+from mtf_train.files import atomic_path
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -110,8 +111,7 @@ def plot_steps(eval_root: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = eval_root / "accuracy_vs_step.png"
-    tmp = eval_root / f".accuracy_vs_step.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")  # the temporary name has no .png to go by
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mtf_train.errors import UserError
+from mtf_train.files import write_atomic
 
 
 class CheckpointError(UserError):
@@ -70,10 +71,7 @@ def read_latest(folder: str | os.PathLike, universal: bool = False) -> str | Non
 
 
 def write_latest(folder: str | os.PathLike, tag: str) -> None:
-    path = Path(folder) / "latest"
-    tmp = path.with_name(f".latest.tmp{os.getpid()}")
-    tmp.write_text(tag)
-    os.replace(tmp, path)
+    write_atomic(Path(folder) / "latest", tag)
 
 
 def save(engine, folder: str, progress: Progress, args, extra: dict) -> str:

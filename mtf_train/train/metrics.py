@@ -6,9 +6,10 @@ Only global rank 0 writes (DeepSpeed broadcasts the step's loss from the last pi
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from mtf_train.files import atomic_path
 
 
 class Metrics:
@@ -82,8 +83,7 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")  # the temporary name has no .png to go by
     plt.close(fig)
-    os.replace(tmp, png)
     return png
