@@ -1,0 +1,107 @@
+"""Every private or unstable API of DeepSpeed, megatron-core and torch that mtf-train relies on, and the versions
+it was checked against.
+
+DeepSpeed and megatron-core change their internals between minor releases without notice. `CHECKED` lists the
+versions whose internals the entries below were read against and the suite passed with (the CPU set-up,
+constraints/cpu.txt); tests/test_compat.py fails when the installed DeepSpeed or megatron-core is not one of
+them, and when a probed name is gone. To take a new version: read each entry against its source, run the tests
+named in `tested_by`, then add the version here and move the bound in pyproject.toml.
+
+megatron-core 0.17 and later are published for Python >= 3.12 only: on Python 3.11 (CI) 0.16.1 is the newest.
+torch is listed for the record but not enforced: clusters bring their own CUDA build (pyproject keeps a range).
+Stdlib only: importing this module imports none of the three.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+
+CHECKED = {
+    "deepspeed": ("0.19.8",),
+    "megatron-core": ("0.16.1",),
+    "torch": ("2.13.0",),
+}
+ENFORCED = ("deepspeed", "megatron-core")
+
+
+@dataclass(frozen=True)
+class Use:
+    package: str            # distribution name, a key of CHECKED
+    api: str                # what is relied on
+    where: str              # mtf_train files that use it
+    why: str
+    tested_by: str          # the tests that fail if it changes
+    probe: tuple[str, str] | None = None   # (module, attribute) that must exist, checked by tests/test_compat.py
+
+
+USES = (
+    Use("deepspeed", "ds_to_universal._inject_missing_state and _check_for_required_state, swapped during main()",
+        "ckpt/universal.py", "supply BLOOM's universal_checkpoint_info to 2022 checkpoints; keep the vocabulary's "
+        "padding rows", "tests/test_ckpt_tools.py, tests/test_ckpt_2022.py",
+        ("deepspeed.checkpoint.ds_to_universal", "_inject_missing_state")),
+    Use("deepspeed", "ds_to_universal.main(args) and the fields of its argparse Namespace", "ckpt/universal.py",
+        "run DeepSpeed's converter in-process", "tests/test_ckpt_tools.py",
+        ("deepspeed.checkpoint.ds_to_universal", "main")),
+    Use("deepspeed", "engine._config.load_universal_checkpoint", "ckpt/worker.py",
+        "after a universal load, save and reload as an ordinary checkpoint", "tests/test_ckpt_tools.py"),
+    Use("deepspeed", "BF16_Optimizer's bf16_groups, fp32_groups_gradients, fp32_groups_has_gradients, "
+        "update_hp_grads, immediate_grad_update and the parameters' _hp_grad", "train/bf16.py",
+        "fused fp32 gradient accumulation (falls back to DeepSpeed's own when an attribute is missing)",
+        "tests/test_train_bf16.py", ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer")),
+    Use("deepspeed", "deepspeed.ops.__compatible_ops__", "train/cpu.py",
+        "keep DeepSpeed from JIT-building its shared-memory comm op on CPU", "tests/test_train_run.py",
+        ("deepspeed.ops", "__compatible_ops__")),
+    Use("deepspeed", "deepspeed.runtime.utils.partition_uniform and partition_balanced", "ckpt/reshape.py",
+        "reproduce PipelineModule's stage boundaries without building the model", "tests/test_ckpt_tools.py",
+        ("deepspeed.runtime.utils", "partition_balanced")),
+    Use("deepspeed", "deepspeed.utils.tensor_fragment.fragment_address", "ckpt/reshape.py",
+        "write param_slice_mappings as DeepSpeed does", "tests/test_ckpt_tools.py",
+        ("deepspeed.utils.tensor_fragment", "fragment_address")),
+    Use("deepspeed", "ZeRO-1/BF16 optimizer files: zero_pp_rank_D_mp_rank_MM_optim_states.pt (bf16_ prefix) "
+        "holding optimizer_state_dict.{param_slice_mappings, single_partition_of_fp32_groups, base_optimizer_state, "
+        "group_paddings, partition_count, param_alignment_paddings}; flat groups aligned to 2 x dp",
+        "ckpt/reshape.py, ckpt/layout.py, ckpt/inspect.py", "read and write checkpoints tensor by tensor",
+        "tests/test_ckpt_tools.py, tests/test_ckpt_2022.py"),
+    Use("deepspeed", "deepspeed.runtime.pipe.topology.PipeModelDataParallelTopology", "train/parallel.py",
+        "the pipeline grid with a model axis (layer_XX-model_YY file names)", "tests/test_train_parallel.py",
+        ("deepspeed.runtime.pipe.topology", "PipeModelDataParallelTopology")),
+    Use("deepspeed", "deepspeed.checkpoint.constants (UNIVERSAL_CHECKPOINT_INFO and the pattern keys)",
+        "train/model.py, ckpt/universal.py", "universal checkpoint info for BLOOM", "tests/test_train_model.py",
+        ("deepspeed.checkpoint.constants", "UNIVERSAL_CHECKPOINT_INFO")),
+    Use("megatron-core", "tensor_parallel.random._CUDA_RNG_STATE_TRACKER and _CUDA_RNG_STATE_TRACKER_INITIALIZED",
+        "train/cpu.py", "a CPU RNG tracker in place of the CUDA one", "tests/test_train_model.py",
+        ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER_INITIALIZED")),
+    Use("megatron-core", "ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding parameters and "
+        "attributes (their forward is re-implemented), set_tensor_model_parallel_attributes",
+        "train/model.py", "megatron's weights, init and checkpoint names with our own forward",
+        "tests/test_train_model.py, tests/test_train_blocks_tp2.py",
+        ("megatron.core.tensor_parallel", "set_tensor_model_parallel_attributes")),
+    Use("megatron-core", "megatron.core.datasets.indexed_dataset (the .bin/.idx format)", "data/indexed.py",
+        "read and write Megatron's indexed datasets", "tests/test_data_preprocess.py",
+        ("megatron.core.datasets.indexed_dataset", "IndexedDataset")),
+    Use("torch", "torch._weights_only_unpickler._get_allowed_globals", "ckpt/layout.py",
+        "the lazy reader allows what torch.load(weights_only=True) allows", "tests/test_ckpt_tools.py",
+        ("torch._weights_only_unpickler", "_get_allowed_globals")),
+    Use("torch", "torch.save's zip layout and the torch._utils._rebuild_tensor_v2/_v3/_rebuild_parameter globals",
+        "ckpt/layout.py", "read tensors out of checkpoint files lazily, by offset", "tests/test_ckpt_tools.py",
+        ("torch._utils", "_rebuild_tensor_v2")),
+    Use("torch", "torch._foreach_add_ and torch._foreach_zero_", "train/bf16.py", "one kernel per group",
+        "tests/test_train_bf16.py", ("torch", "_foreach_add_")),
+)
+
+
+def version_problems() -> list[str]:
+    """One line per enforced package whose installed version was not checked (empty when all were)."""
+    problems = []
+    for package in ENFORCED:
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{package} is not installed")
+            continue
+        if installed not in CHECKED[package]:
+            uses = sum(u.package == package for u in USES)
+            problems.append(f"{package} {installed} is not among the versions mtf_train/compat.py was checked "
+                            f"against ({', '.join(CHECKED[package])}): re-check its {uses} entries in USES, "
+                            f"then add {installed} to CHECKED")
+    return problems
