@@ -96,8 +96,8 @@ def largest_tensors(root: Path) -> tuple[int, int]:
     """(largest full parameter, largest tensor stored in any file) in bytes."""
     import math
 
-    from mtf_train.ckpt.layout import TorchFile
-    from mtf_train.ckpt.reshape import read_source
+    from mtf_train.ckpt.torchzip import TorchFile
+    from mtf_train.ckpt.source import read_source
 
     src = read_source(root)
     largest_param = max(math.prod(s) for s in src.full_shapes.values()) * 4

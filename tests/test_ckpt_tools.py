@@ -147,8 +147,10 @@ def test_reshape_detects_lost_optimizer_state(trained, env, tmp_path):
     """The next-step comparison is what proves the optimizer states came along: zero them and it fails."""
     import torch
 
-    from mtf_train.ckpt.layout import VerifyError
-    from mtf_train.ckpt.reshape import read_source, run_probe, write_direct
+    from mtf_train.ckpt.errors import VerifyError
+    from mtf_train.ckpt.direct import write_direct
+    from mtf_train.ckpt.source import read_source
+    from mtf_train.ckpt.verify import run_probe
     from mtf_train.ckpt.verify import compare
 
     src = read_source(trained["tp2"])

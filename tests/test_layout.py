@@ -27,8 +27,8 @@ ALLOWED = {
     "data": ("errors", "files", "rules", "recipe.schema", "recipe.shape", "recipe.load", "recipe.yamlio",
              "eval.tasks"),
     # the trainer writes and reads checkpoints in the format ckpt/ defines
-    "train": ("errors", "files", "rules", "recipe.schema", "data", "ckpt.client", "ckpt.layout", "ckpt.safe",
-              "ckpt.torchzip"),
+    "train": ("errors", "files", "rules", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
+              "ckpt.safe", "ckpt.torchzip"),
     # beside the trainer: the model, its names and its data; a recipe only for its cluster's job directives
     "ckpt": ("errors", "files", "rules", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),
     "eval": ("errors", "files", "rules", "recipe.schema", "recipe.yamlio", "plan", "ckpt"),

@@ -113,7 +113,9 @@ def read_checkpoint(folder, step: int | None = None, check: bool = True):
     """(Checkpoint, ClientState) of a step, verified before it is trusted: the client-state file's CRCs first,
     then (from its args) that every layer file the model's depth needs is there and nothing else, and, with
     `check`, every file's CRCs."""
-    from mtf_train.ckpt.layout import CkptError, TorchFile, check_archive, locate, materialize
+    from mtf_train.ckpt.errors import CkptError
+    from mtf_train.ckpt.layout import locate
+    from mtf_train.ckpt.torchzip import TorchFile, check_archive, materialize
 
     ck = locate(folder, step)
     first = ck.mp_files[0]

@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mtf_train.ckpt.layout import CkptError, TorchFile, VerifyError, human, staged
+from mtf_train.ckpt.errors import CkptError, VerifyError
+from mtf_train.ckpt.layout import human, staged
+from mtf_train.ckpt.torchzip import TorchFile
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "tokenizer.model")
@@ -64,7 +66,7 @@ def export_hf(folder, output, *, step: int | None = None, dtype: str | None = No
     import torch
     from safetensors.torch import save_file
 
-    from mtf_train.ckpt.reshape import read_source
+    from mtf_train.ckpt.source import read_source
     from mtf_train.train import hf_names
 
     out = Path(output).resolve()
@@ -126,7 +128,7 @@ def export_hf(folder, output, *, step: int | None = None, dtype: str | None = No
               f"{human(total)} in {len(files)} safetensors file(s), {str(out_dtype).replace('torch.', '')}, "
               f"vocab {src.padded_vocab} (tokenizer {src.original_vocab}); {tok_note} ({took:.1f} s)", flush=True)
         if verify:
-            from mtf_train.ckpt.reshape import estimate_fits
+            from mtf_train.ckpt.verify import estimate_fits
 
             fits, why = estimate_fits(src, ck.tp, ck.pp, 1)
             if fits:
@@ -174,7 +176,7 @@ def copy_tokenizer(path, dest: Path) -> str:
 def verify_export(src, hf_dir: Path, dtype) -> None:
     import torch
 
-    from mtf_train.ckpt.reshape import verify_spec
+    from mtf_train.ckpt.verify import verify_spec
     from mtf_train.ckpt.verify import TOLERANCE, fixed_batch, logits_diff, run_worker
 
     ck = src.ck

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from mtf_train.ckpt.layout import Checkpoint, CkptError, TorchFile, human
+from mtf_train.ckpt.errors import CkptError
+from mtf_train.ckpt.layout import Checkpoint, human
+from mtf_train.ckpt.torchzip import TorchFile
 
 
 @dataclass

@@ -19,7 +19,8 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-from mtf_train.ckpt.layout import Checkpoint, CkptError, human, mem_available
+from mtf_train.ckpt.errors import CkptError
+from mtf_train.ckpt.layout import Checkpoint, human, mem_available
 from mtf_train.files import atomic_path, write_atomic
 
 
@@ -36,7 +37,7 @@ def bloom_info(state) -> dict:
 def worker_counts(ck: Checkpoint, workers: int | None, merge_workers: int | None) -> tuple[int, int]:
     """Extract workers each load one optimizer shard (about 1.5x its file); merge workers hold the TP slices of
     one parameter's three states (about 4x its fp32 size). Leave a fifth of the memory free."""
-    from mtf_train.ckpt.layout import TorchFile
+    from mtf_train.ckpt.torchzip import TorchFile
 
     budget = mem_available() * 0.8
     cpus = os.cpu_count() or 1
@@ -69,7 +70,7 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     from mtf_train.ckpt.client import ClientState, read_checkpoint
-    from mtf_train.ckpt.layout import load_small
+    from mtf_train.ckpt.torchzip import load_small
     from mtf_train.ckpt.safe import guard_torch_load
     from mtf_train.ckpt.safe import load as safe_load
 

@@ -4,7 +4,8 @@
 `run_worker(spec)` writes the spec, launches `python -m mtf_train.ckpt.worker` with tp*pp*dp processes and
 returns the worker's results: the loss and the logits of a fixed row after loading, the loss of one training
 step on the fixed batch and the loss and logits after that step. Comparing two runs (two shapes, or ours and
-transformers') is `compare`. Tolerances depend on the dtype the model computes in.
+transformers') is `compare`. Tolerances depend on the dtype the model computes in. `verify_spec` makes the
+spec for a source checkpoint, `estimate_fits` says whether both runs fit on this machine.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtf_train.ckpt.layout import VerifyError
+from mtf_train.ckpt.errors import VerifyError
+from mtf_train.ckpt.layout import human, mem_available
+from mtf_train.ckpt.source import Source
 from mtf_train.files import atomic_path
 
 # (relative tolerance of losses, absolute tolerance of logits relative to their largest magnitude)
@@ -157,3 +160,50 @@ def compare(reference: dict, got: dict, dtype: str, vocab: int, what: str, steps
     if bad:
         raise VerifyError(what, "verification failed: " + "; ".join(bad))
     return lines
+
+
+def verify_spec(src: Source, mode: str, folder: Path, tag: str, tp: int, pp: int, dp: int, rows: int,
+                padded: int, universal: bool = False, **extra) -> dict:
+    a = src.args
+    ds_cfg = dict(src.client.get("ds_config") or {})
+    if src.dtype == "bfloat16" and not (ds_cfg.get("zero_optimization") or {}).get("stage"):
+        # 2022's bf16 + ZeRO-0 (BF16_Optimizer) does not reload with current DeepSpeed; ZeRO-1 with fp32
+        # gradient accumulation builds the same optimizer and reads the same files
+        ds_cfg = {}
+    if not ds_cfg:
+        ds_cfg = {"zero_optimization": {"stage": 1}, "gradient_clipping": a.get("clip_grad", 1.0)}
+        if src.dtype == "bfloat16":
+            ds_cfg.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    return dict(
+        mode=mode, load=str(folder) if folder else None, tag=tag, universal=universal, tp=tp, pp=pp, dp=dp,
+        model=src.model_spec(padded), norm_target_loss=bool(a.get("norm_target_loss")),
+        partition_method=src.partition_method, seed=int(a.get("seed") or 1234), ds_config=ds_cfg,
+        optimizer=dict(lr=float(a.get("lr") or 1e-4), weight_decay=float(a.get("weight_decay", 0.01)),
+                       beta1=float(a.get("adam_beta1", 0.9)), beta2=float(a.get("adam_beta2", 0.999)),
+                       eps=float(a.get("adam_eps", 1e-8))),
+        step_lr=float(a.get("lr") or 1e-4),
+        batch=dict(rows=rows, seq=min(int(a.get("seq_length") or 128), 128), vocab=src.original_vocab, seed=1234),
+        **extra)
+
+
+def estimate_fits(src: Source, tp: int, pp: int, dp: int) -> tuple[bool, str]:
+    """Can both verification runs happen on this machine? Each holds the whole model and optimizer state
+    (about the checkpoint's size, more at dp > 1) plus a process per rank."""
+    size = sum(p.stat().st_size for p in src.ck.files())
+    per_process = 600 << 20
+    need = int(size * 1.6) * max(1, dp, src.ck.dp) + per_process * max(tp * pp * dp, src.ck.tp * src.ck.pp * src.ck.dp)
+    avail = mem_available()
+    cpus = os.cpu_count() or 1
+    world = max(tp * pp * dp, src.ck.tp * src.ck.pp * src.ck.dp)
+    if need > avail * 0.8:
+        return False, f"verification needs about {human(need)} of memory, {human(avail)} is available"
+    if world > max(8, 4 * cpus):
+        return False, f"verification needs {world} processes, this machine has {cpus} CPUs"
+    return True, ""
+
+
+def run_probe(src: Source, folder: Path, tag: str, tp: int, pp: int, dp: int, rows: int, padded: int,
+              scratch: Path, label: str) -> dict:
+    spec = verify_spec(src, "probe", folder, tag, tp, pp, dp, rows=rows, padded=padded)
+    return run_worker(spec, scratch, label=label)
+
