@@ -51,6 +51,7 @@ def test_logits_match_hf_bloom(tp1):
     hf = BloomForCausalLM(hf_config).eval()
     perturb_(hf, seed=1)  # biases and layer norms away from 0/1, so a mis-mapped one shows
     config = BloomModelConfig.from_hf(hf_config, attention="reference")
+    assert BloomModelConfig.from_hf(BloomConfig(**config.to_hf_kwargs()), attention="reference") == config
     ours = BloomModel(config).eval()
     ours.load_state_dict(hf_names.from_hf_state_dict(hf.state_dict(), config.num_layers), strict=True)
 

@@ -95,32 +95,22 @@ class BloomModelConfig:
     @classmethod
     def from_hf(cls, hf_config, **overrides) -> "BloomModelConfig":
         """From a transformers `BloomConfig` (its vocab_size is the padded size)."""
-        kwargs = dict(
-            num_layers=hf_config.n_layer,
-            hidden_size=hf_config.hidden_size,
-            num_heads=hf_config.n_head,
-            padded_vocab_size=hf_config.vocab_size,
-            layernorm_epsilon=hf_config.layer_norm_epsilon,
-            init_std=hf_config.initializer_range,
-            hidden_dropout=hf_config.hidden_dropout,
-            attention_dropout=hf_config.attention_dropout,
-        )
+        kwargs = {ours: getattr(hf_config, theirs) for ours, theirs in HF_CONFIG_NAMES.items()}
         kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_hf_kwargs(self) -> dict:
         """Arguments for transformers `BloomConfig(**kwargs)`."""
-        return dict(
-            vocab_size=self.padded_vocab_size,
-            hidden_size=self.hidden_size,
-            n_layer=self.num_layers,
-            n_head=self.num_heads,
-            layer_norm_epsilon=self.layernorm_epsilon,
-            initializer_range=self.init_std,
-            hidden_dropout=self.hidden_dropout,
-            attention_dropout=self.attention_dropout,
-            apply_residual_connection_post_layernorm=False,
-        )
+        return dict({theirs: getattr(self, ours) for ours, theirs in HF_CONFIG_NAMES.items()},
+                    apply_residual_connection_post_layernorm=False)
+
+
+# BloomModelConfig field -> transformers BloomConfig attribute, both ways.
+HF_CONFIG_NAMES = {
+    "num_layers": "n_layer", "hidden_size": "hidden_size", "num_heads": "n_head", "padded_vocab_size": "vocab_size",
+    "layernorm_epsilon": "layer_norm_epsilon", "init_std": "initializer_range", "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+}
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
