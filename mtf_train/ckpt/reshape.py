@@ -2,15 +2,15 @@
 
 The direct method writes the ordinary checkpoint the trainer would save at the new shape, tensor by tensor:
 for every parameter and every state (fp32 master weights, Adam's exp_avg and exp_avg_sq) it reads the source
-fragments out of the ZeRO shards (`fragments`, through `torchzip.TorchFile`: no whole-file loads), merges them over tensor ranks with
-BLOOM's rules (`hf_names`: replicated ones averaged, row-parallel on dim 1, the rest on dim 0; vocabulary
-padding re-cut when the padded size changes), splits them for the new tensor ranks and writes each piece into
-its place in the new ZeRO shards, which were laid out first as reserved, sparse files (`direct`, through
-`torchzip.SkeletonFile`). The layout of the new shards is DeepSpeed's own (`zero`: stage partitioning by `partition_balanced`, the optimizer's
-parameter groups, flat groups aligned to 2 x dp and split in dp partitions); before writing anything, the
-same code must reproduce the source checkpoint's recorded layout exactly, or it refuses. What the source is
-(shapes, vocabulary, saved arguments) is `source`; this module only orchestrates. Memory stays at about
-twice the largest parameter, whatever the checkpoint's size.
+fragments out of the ZeRO shards (`fragments`, through `torchzip.TorchFile`: no whole-file loads), merges them
+over tensor ranks with BLOOM's rules (`hf_names`: replicated ones averaged, row-parallel on dim 1, the rest on
+dim 0; vocabulary padding re-cut when the padded size changes), splits them for the new tensor ranks and writes
+each piece into its place in the new ZeRO shards, which were laid out first as reserved, sparse files
+(`direct`, through `torchzip.SkeletonFile`). The layout of the new shards is DeepSpeed's own (`zero`: stage
+partitioning by `partition_balanced`, the optimizer's parameter groups, flat groups aligned to 2 x dp and split
+in dp partitions); before writing anything, the same code must reproduce the source checkpoint's recorded
+layout exactly, or it refuses. What the source is (shapes, vocabulary, saved arguments) is `source`; this
+module only orchestrates. Memory stays at about twice the largest parameter, whatever the checkpoint's size.
 
 The universal method is DeepSpeed's route: `to-universal` into a scratch folder, then the model loads it at
 the new shape (`worker resave`) and saves an ordinary checkpoint.
