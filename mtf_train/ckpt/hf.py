@@ -173,11 +173,26 @@ def copy_tokenizer(path, dest: Path) -> str:
     return f"tokenizer copied from {p}" if copied else f"no tokenizer files in {p}"
 
 
+def check_hf_logits(hf_dir: Path, batch: tuple, ours, vocab: int, tol: float, *, relative_to_ours: bool, line: str,
+                    where: str, failure: str, scratch: Path) -> None:
+    """transformers' logits on the fixed batch (seq, vocab, seed) against ours over the first `vocab` columns;
+    prints `line` (its {cls}: the transformers class) with the result, raises VerifyError when out of `tol`."""
+    from mtf_train.ckpt.verify import fixed_batch, logits_diff
+
+    ids, _, _ = fixed_batch(1, *batch, single_segment=True)
+    theirs, cls = hf_logits(hf_dir, ids[:, :-1])
+    diff = logits_diff(theirs, ours, vocab) if relative_to_ours else logits_diff(ours, theirs, vocab)
+    ok = diff <= tol and math.isfinite(diff)
+    print(line.format(cls=cls) + f"{'ok' if ok else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e})")
+    if not ok:
+        raise VerifyError(where, f"verification failed: {failure} differ by {diff:.2e} (tolerance {tol:.0e}); "
+                          f"logs in {scratch}")
+
+
 def verify_export(src, hf_dir: Path, dtype) -> None:
     import torch
 
-    from mtf_train.ckpt.verify import verify_spec
-    from mtf_train.ckpt.verify import TOLERANCE, fixed_batch, logits_diff, run_worker
+    from mtf_train.ckpt.verify import TOLERANCE, run_worker, verify_spec
 
     ck = src.ck
     scratch = Path(tempfile.mkdtemp(prefix="mtf-ckpt-"))
@@ -186,16 +201,11 @@ def verify_export(src, hf_dir: Path, dtype) -> None:
     spec["batch"]["single_segment"] = True
     ours = run_worker(spec, scratch, label="ours")
     b = spec["batch"]
-    ids, _, _ = fixed_batch(1, b["seq"], b["vocab"], b["seed"], single_segment=True)
-    theirs, cls = hf_logits(hf_dir, ids[:, :-1])
     tol = TOLERANCE["float32" if dtype == torch.float32 and src.dtype == "float32" else "bfloat16"][1]
-    diff = logits_diff(theirs, ours["logits0"], src.padded_vocab)
-    ok = diff <= tol and math.isfinite(diff)
-    print(f"  transformers {cls} loads it; logits vs ours at tp {ck.tp} x pp {ck.pp}: "
-          f"{'ok' if ok else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e})")
-    if not ok:
-        raise VerifyError(str(hf_dir), f"verification failed: transformers' logits differ by {diff:.2e} "
-                          f"(tolerance {tol:.0e}); logs in {scratch}")
+    check_hf_logits(hf_dir, (b["seq"], b["vocab"], b["seed"]), ours["logits0"], src.padded_vocab, tol,
+                    relative_to_ours=True,
+                    line=f"  transformers {{cls}} loads it; logits vs ours at tp {ck.tp} x pp {ck.pp}: ",
+                    where=str(hf_dir), failure="transformers' logits", scratch=scratch)
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -243,7 +253,7 @@ def import_hf(hf_dir, output, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype: s
     import torch
 
     from mtf_train.ckpt.layout import check_output
-    from mtf_train.ckpt.verify import TOLERANCE, fixed_batch, logits_diff, run_worker
+    from mtf_train.ckpt.verify import TOLERANCE, run_worker
     from mtf_train.train.args import build_parser, check
 
     hf_dir = Path(hf_dir).resolve()
@@ -300,16 +310,10 @@ def import_hf(hf_dir, output, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype: s
         ours = run_worker(spec, scratch, label="import")
         print(f"saved iteration 0 at tp {tp} x pp {pp} x dp {dp} ({time.perf_counter() - t0:.1f} s)", flush=True)
         if verify:
-            ids, _, _ = fixed_batch(1, seq, original, 1234, single_segment=True)
-            theirs, cls = hf_logits(hf_dir, ids[:, :-1])
             tol = TOLERANCE[dtype if dtype != "float32" else "float32"][1]
-            diff = logits_diff(ours["logits0"], theirs, vocab)
-            ok = diff <= tol and math.isfinite(diff)
-            print(f"  logits at tp {tp} x pp {pp} after reloading vs transformers' {cls}: "
-                  f"{'ok' if ok else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e})")
-            if not ok:
-                raise VerifyError(str(out), f"verification failed: logits differ by {diff:.2e} (tolerance {tol:.0e});"
-                                  f" logs in {scratch}")
+            check_hf_logits(hf_dir, (seq, original, 1234), ours["logits0"], vocab, tol, relative_to_ours=False,
+                            line=f"  logits at tp {tp} x pp {pp} after reloading vs transformers' {{cls}}: ",
+                            where=str(out), failure="logits", scratch=scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"done: {out}; start a run from it with checkpoint.load={out} (model.pad_vocab_size_to: {vocab})")
     return 0
