@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from mtf_train.data.mixture import load_mixture
+from mtf_train.data.packed import recipe_sample_counts
 from mtf_train.recipe.load import load_recipe
 from mtf_train.recipe.validate import validate
-from mtf_train.rules import parse_time_minutes
+from mtf_train.rules import BatchSchedule, eval_samples_per_group, parse_time_minutes
 from tests.helpers import RECIPES, ROOT, mtf
 
 
@@ -199,6 +200,14 @@ def test_rendered_arguments_parse_in_the_builtin_trainer(tmp_path, recipe, first
         assert args.save_interval == r.checkpoint.first_interval  # the first job saves early
     else:
         assert args.save_interval == r.checkpoint.interval
+    # The data caches are sized from the recipe (`mtf-train data index`), the trainer sizes its datasets from these
+    # arguments: the counts must be equal or the trainer misses every cache.
+    counts = recipe_sample_counts(r)
+    batches = BatchSchedule(args.global_batch_size, tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
+    iters, samples = batches.length(args.train_iters, args.train_samples)
+    assert (iters, samples) == (counts.train_iters, counts.train_samples)
+    assert eval_samples_per_group(iters, args.eval_interval, args.eval_iters, args.global_batch_size) \
+        == counts.eval_samples_per_group
 
 
 def test_trainer_refuses_unknown_and_contradictory_arguments():
