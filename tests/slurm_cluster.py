@@ -32,23 +32,13 @@ from pathlib import Path
 
 import pytest
 
+from mtf_train.launch.slurm import TERMINAL
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local-slurm"
 
-# Job states after which a job never runs again (REQUEUED, COMPLETING and the like are not final).
-TERMINAL_STATES = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "TIMEOUT",
-    }
-)
+# Job states after which a job never runs again: mtf-train's own list (REQUEUED, COMPLETING are not final).
+TERMINAL_STATES = TERMINAL
 
 _NEEDED_BINARIES = ("slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "srun", "scontrol", "scancel", "munged")
 _START_TIMEOUT_S = 900  # includes apt-get update + install on a fresh machine

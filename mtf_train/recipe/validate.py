@@ -10,11 +10,10 @@ import re
 
 from mtf_train.errors import RecipeError
 from mtf_train.plan import Shape, derive_shape, parse_time_minutes
+from mtf_train.recipe.directives import directives
 from mtf_train.recipe.schema import Recipe
 
 PARTITION_METHODS = ("type:transformer|embedding", "type:transformer", "uniform", "parameters")
-# Values written into #SBATCH lines are read by sbatch, not a shell: keep them to characters it takes literally.
-SBATCH_VALUE = re.compile(r"^[A-Za-z0-9._,:=@%+/\[\]|&*!-]+$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -165,20 +164,8 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
         fail(["cluster.signal_margin_s", "cluster.time"], f"signal_margin_s {r.cluster.signal_margin_s} s is not "
              f"shorter than the time limit {r.cluster.time}")
 
-    # What reaches the job script: #SBATCH values, variable names. Other strings are shell-quoted.
-    c = r.cluster
-    if not SBATCH_VALUE.match(r.name or ""):
-        fail("name", f"{r.name!r} is not a valid job name (no spaces or quotes)")
-    for name in ("partition", "account", "qos", "constraint", "hint"):
-        v = getattr(c, name)
-        if v is not None and not SBATCH_VALUE.match(v):
-            fail(f"cluster.{name}", f"{v!r} holds characters sbatch would misread (spaces, quotes, ...)")
-    for i, node in enumerate(c.exclude):
-        if not SBATCH_VALUE.match(node):
-            fail("cluster.exclude", f"item {i} {node!r} is not a node name or list")
-    for i, line in enumerate(c.extra_sbatch):
-        if "\n" in line or "\r" in line or not line.startswith("-"):
-            fail("cluster.extra_sbatch", f"item {i} must be one sbatch option starting with '-', got {line!r}")
+    # What reaches the job script: #SBATCH values (checked where they are made), variable names.
+    directives(r)
     for key in r.environment.env:
         if not ENV_NAME.match(key):
             fail(f"environment.env.{key}", "is not a valid environment variable name")
