@@ -11,6 +11,7 @@ import re
 from mtf_train.errors import RecipeError
 from mtf_train.plan import Shape, derive_shape, parse_time_minutes
 from mtf_train.recipe.directives import directives
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 
 PARTITION_METHODS = ("type:transformer|embedding", "type:transformer", "uniform", "parameters")
@@ -82,21 +83,9 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
         fail("model.pad_vocab_size_to", f"padded vocabulary {s.padded_vocab} is not divisible by tp {s.tp}")
     if m.seq_length > s.max_positions:
         fail("model.seq_length", f"{m.seq_length} exceeds max_position_embeddings {s.max_positions}")
-    # Settings of Megatron-DeepSpeed that the built-in trainer does not have: refused rather than ignored.
-    if r.runtime.kind == "mtf_train":
-        if not m.embed_layernorm:
-            fail("model.embed_layernorm", "false is not supported by the built-in trainer (its BLOOM always has the "
-                                          "embedding layer norm); use runtime.kind megatron_deepspeed for it")
-        if not par.sync_tp_duplicated_parameters:
-            fail("parallel.sync_tp_duplicated_parameters", "false is not supported by the built-in trainer: "
-                 "its tensor-parallel replicas of layer norms and row-parallel biases get identical gradients and "
-                 "stay equal")
-        if r.data.dataloader_type != "single":
-            fail("data.dataloader_type", f"{r.data.dataloader_type} is not supported by the built-in trainer: it "
-                                         "reads Megatron's single order, which makes resumes exact")
-    if m.position_embedding_type != "alibi" and r.runtime.kind == "mtf_train":
-        fail("model.position_embedding_type", "packed MTF rows need alibi: absolute positions are not reset "
-                                              "per packed example")
+    # Settings the recipe's trainer does not have: refused rather than ignored.
+    for field, reason in runtime(r).refusals():
+        fail(field, reason)
     for name in ("hidden_dropout", "attention_dropout"):
         if getattr(m, name) >= 1:
             fail(f"model.{name}", f"must be < 1, got {getattr(m, name)}")
@@ -115,20 +104,6 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
     p = r.precision
     if p.dtype == "fp16" and r.cluster.accelerator == "cpu":
         fail("precision.dtype", "fp16 needs GPUs (no loss-scaled fp16 on CPU); use bf16 or fp32")
-    if r.runtime.kind == "megatron_deepspeed":
-        if p.dtype == "bf16" and p.zero_stage != 0:
-            fail("precision.zero_stage", "the Megatron-DeepSpeed runtime runs bf16 with its own stage-1-like "
-                                         "BF16_Optimizer and needs zero_stage 0")
-        if r.runtime.megatron_deepspeed_dir is None:
-            fail("runtime.megatron_deepspeed_dir", "required with runtime.kind megatron_deepspeed")
-        if r.cluster.accelerator == "cpu":
-            fail("cluster.accelerator", "the Megatron-DeepSpeed runtime needs GPUs (fused CUDA kernels)")
-        if r.training.recompute == "selective":
-            fail("training.recompute", "selective recomputation is the built-in trainer's; the Megatron-DeepSpeed "
-                                       "runtime has only none or full (--checkpoint-activations)")
-        if r.training.compile is not None:
-            fail("training.compile", "block compilation is the built-in trainer's; leave it unset with the "
-                                     "Megatron-DeepSpeed runtime")
     t = r.training
     if t.checkpoint_activations is not None and t.recompute != "auto" \
             and t.recompute != ("full" if t.checkpoint_activations else "none"):

@@ -17,6 +17,7 @@ from mtf_train.files import write_atomic
 from mtf_train.plan import Plan, Shape, format_plan
 from mtf_train.recipe.directives import Directives, directives
 from mtf_train.recipe.load import dump_recipe, path_groups
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 from mtf_train.render.ds_config import ds_config
 from mtf_train.render.trainer_args import trainer_args
@@ -109,10 +110,6 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
                       ds_config=str(ds_path), train_path=str(train_file),
                       valid_path=str(valid_file) if valid_file else None, kill_switch="$KILL_SWITCH_PATH")
 
-    if r.runtime.kind == "mtf_train":
-        program = ["-m", "mtf_train.train"]
-    else:
-        program = [str(Path(r.runtime.megatron_deepspeed_dir) / r.runtime.entrypoint)]
     c = r.cluster
     # The kill-switch path is a variable of the job script: expanded there, not quoted as a literal.
     lines = [ln.replace("'$KILL_SWITCH_PATH'", '"$KILL_SWITCH_PATH"') for ln in _arg_lines(ta.common)]
@@ -123,7 +120,7 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
         version=mtf_train.__version__, recipe_path=str(r.origin.path), directives=d.lines(), gpus_per_node=c.gpus_per_node,
         run_dir=str(run_dir), setup=r.environment.setup, env=job_env(r),
         max_failures=MAX_FAILURES, save=str(save), first_run=ta.first_run, first_load=ta.first_load or str(save),
-        master_port=c.master_port, python=r.runtime.python or sys.executable, program=program, common_lines=lines,
+        master_port=c.master_port, python=r.runtime.python or sys.executable, program=runtime(r).program(), common_lines=lines,
         srun_options=srun_options(r), train_iters=shape.train_iters)
     job = put("job.sbatch", script, mode=0o755)
     eval_script = None
