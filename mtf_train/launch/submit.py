@@ -17,7 +17,6 @@ import io
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 from mtf_train.errors import UserError
-from mtf_train.launch import slurm
+from mtf_train.launch import executors, slurm
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, launcher_identity, runs_root
 from mtf_train.plan import Plan, Shape, format_plan
 from mtf_train.recipe.schema import Recipe
@@ -38,26 +37,15 @@ class SubmitError(UserError):
     exit_code = 1
 
 
-def resolve_executor(r: Recipe, override: str | None) -> str:
-    executor = override or r.executor
-    if executor == "auto":
-        executor = "slurm" if shutil.which("sbatch") else "local"
-    return executor
-
-
 def submit(r: Recipe, shape: Shape, plan: Plan, *, executor: str | None, dry_run: bool,
            runs_dir: str | None, chain: int | None = None) -> int:
-    executor = resolve_executor(r, executor)
+    ex = executors.choose(r, executor)
+    executor = ex.name
     where = str(r.origin.path)
-    if executor == "local" and shape.world_size > 1 and r.cluster.nodes > 1:
-        raise UserError(where, f"executor local runs on one machine; the recipe asks for "
-                        f"{r.cluster.nodes} nodes", field="cluster.nodes")
-    if chain is not None and chain < 1:
-        raise UserError(where, f"--chain must be at least 1, got {chain}")
-    if chain is not None and chain > 1 and executor == "local":
-        raise UserError(where, "--chain needs executor slurm or submitit (a local run is one job)")
+    ex.check(r, shape, where)
+    ex.check_chain(chain, where)
 
-    if not dry_run and (executor == "local" or (executor == "submitit" and not slurm.available("sbatch"))):
+    if not dry_run and ex.runs_here:
         # The job runs here: a missing data.root or a damaged dataset is one line now, not a traceback from
         # every rank after torchrun's start-up.
         from mtf_train.recipe.validate import validate
@@ -80,13 +68,7 @@ def submit(r: Recipe, shape: Shape, plan: Plan, *, executor: str | None, dry_run
         RunInfo(run_dir).event("dry run: nothing submitted")
         print(f"dry run: nothing submitted; the job script is {run_dir / 'job.sbatch'}")
         return 0
-    if executor == "slurm":
-        return _submit_slurm(run_dir, chain or 1)
-    if executor == "submitit":
-        return _submit_submitit(r, shape, run_dir, chain)
-    if executor == "local":
-        return _run_local(run_dir)
-    raise SubmitError(where, f"unknown executor {executor!r}", field="executor")
+    return ex.submit(r, shape, run_dir, chain)
 
 
 def _fail(info: RunInfo, message: str, **extra) -> SubmitError:
@@ -392,23 +374,13 @@ def resume(run_dir: Path, chain: int | None = None) -> int:
         what = f" (jobs {' '.join(j['job_id'] for j in status['jobs'] if j['active'])})" if status["jobs"] else ""
         raise UserError(where, f"is still {status['state']}{what}: follow it with `mtf-train logs -f`, or stop it "
                         f"with `mtf-train cancel` first")
-    executor = data.get("executor") or "local"
-    if chain is not None and chain < 1:
-        raise UserError(where, f"--chain must be at least 1, got {chain}")
-    if chain is not None and chain > 1 and executor == "local":
-        raise UserError(where, "--chain needs executor slurm or submitit (a local run is one job)")
+    ex = executors.EXECUTORS[data.get("executor") or "local"]()
+    executor = ex.name
+    ex.check_chain(chain, where)
     # A resume is the user's decision to try again: the chain's failure count starts over.
     write_atomic(run_dir / "failures", "0\n")
     step = _saved_step(run_dir)
     info.update(resumes=int(data.get("resumes") or 0) + 1)
     info.event(f"resume ({executor}) from step {step or 0}: {' '.join(initial_info('', '', '')['command'])}")
     print(f"resuming {run_dir} from " + (f"step {step}" if step else "its start (no checkpoint yet)"), flush=True)
-    if executor == "slurm":
-        return _submit_slurm(run_dir, chain or 1, resumed=True)
-    if executor == "submitit":
-        from mtf_train.plan import derive_shape
-        from mtf_train.recipe.load import load_recipe
-
-        r = load_recipe(run_dir / "recipe.resolved.yaml")
-        return _submit_submitit(r, derive_shape(r), run_dir, chain or data.get("chain"), resumed=True)
-    return _run_local(run_dir)
+    return ex.submit(None, None, run_dir, chain or data.get("chain"), resumed=True)
