@@ -162,15 +162,17 @@ def read_state(root: Path | None = None) -> dict | None:
     root = root or conf_root()
     if root is None:
         return None
+    files = [int(p.name) for p in (root / "leases").glob("*") if p.name.isdigit()]
     try:
-        return json.loads((root / STATE).read_text())
+        state = json.loads((root / STATE).read_text())
     except (OSError, ValueError):
         h = conf_header()
         if not h or Path(h.get("root", "")) != root:
             return None
-        leases = sorted(int(p.name) for p in (root / "leases").glob("*") if p.name.isdigit())
         return new_state(root, int(h.get("nodes", 0)), h.get("accounting") == "1",
-                         lease_managed=(root / "run" / "lease-managed").exists(), leases=leases)
+                         lease_managed=(root / "run" / "lease-managed").exists(), leases=files)
+    state["leases"] = sorted(set(state["leases"]) | set(files))  # leases the shell version took meanwhile
+    return state
 
 
 def new_state(root: Path, n: int, accounting: bool, lease_managed: bool = False, leases=()) -> dict:
@@ -185,6 +187,17 @@ def write_state(state: dict) -> None:
     tmp = root / f".{STATE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, root / STATE)
+    # Until every checkout runs this module, the shell version (same lock) may release a lease of this cluster:
+    # it counts the files in leases/ and takes down what run/lease-managed marks. Mirror both for it.
+    leases = root / "leases"
+    leases.mkdir(exist_ok=True)
+    for f in leases.iterdir():
+        if f.name not in {str(p) for p in state["leases"]}:
+            f.unlink(missing_ok=True)
+    for p in state["leases"]:
+        (leases / str(p)).touch()
+    if state["lease_managed"]:
+        (root / "run" / "lease-managed").touch()
 
 
 def take_lock():
@@ -698,8 +711,6 @@ def cmd_release(pid: int) -> None:
     if state is None:
         say("already down")
         return
-    root = Path(state["root"])
-    (root / "leases" / str(pid)).unlink(missing_ok=True)  # a lease the shell version took
     left = [p for p in state["leases"] if p != pid and Path(f"/proc/{p}").is_dir()]
     state["leases"] = left
     write_state(state)
