@@ -87,8 +87,10 @@ def which(binary: str) -> str | None:
 def run(*args: str, timeout: float | None = None, check: bool = False, **kw) -> subprocess.CompletedProcess | None:
     """A command with its output captured; None when it is missing or does not answer in time."""
     try:
+        if "input" not in kw:
+            kw["stdin"] = subprocess.DEVNULL
         return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=ENV, check=check,
-                              stdin=subprocess.DEVNULL, **kw)
+                              **kw)
     except (OSError, subprocess.TimeoutExpired):
         return None
 
@@ -251,7 +253,7 @@ def stop_pids(wait_s: float, pids: list[int]) -> None:
     if not pids:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
+        for p in [p for p in pids if alive(p)]:
             try:
                 os.kill(p, sig)
             except OSError:
@@ -269,25 +271,25 @@ def leftover_pids(root: Path) -> list[int]:
         if not d.name.isdigit() or int(d.name) == os.getpid() or exe_name(int(d.name)) not in SLURM_EXES:
             continue
         try:
-            targets = [os.readlink(fd) for fd in (d / "fd").iterdir()]
+            fds = list((d / "fd").iterdir())
         except OSError:
             continue
-        if any(t.startswith(f"{root}/") for t in targets):
+        if any(_link(fd).startswith(f"{root}/") for fd in fds):
             out.append(int(d.name))
     return out
 
 
-def munge_ok() -> bool:
-    cred = run("munge", "-n", timeout=10)
-    return cred is not None and cred.returncode == 0 and ok_input("unmunge", cred.stdout)
-
-
-def ok_input(cmd: str, text: str) -> bool:
+def _link(path: Path) -> str:
     try:
-        return subprocess.run([cmd], input=text, capture_output=True, text=True, timeout=10,
-                              env=ENV).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
+
+
+def munge_ok() -> bool:
+    cred = output("munge", "-n")
+    proc = run("unmunge", timeout=10, input=cred) if cred else None
+    return proc is not None and proc.returncode == 0
 
 
 def log_tails(root: Path) -> None:

@@ -41,9 +41,9 @@ def test_every_rendered_script_asks_for_the_recipes_cluster_options(tmp_path):
 def test_submitit_gets_the_same_directives_as_the_script():
     r = load_recipe(RECIPES / "bloomz-176b.yaml", SETS)
     p = directives(r).submitit_parameters()
-    assert p["job_name"] == "bloomz-176b" and p["nodes"] == "36" and p["ntasks_per_node"] == "1"
+    assert p["job_name"] == "bloomz-176b" and p["nodes"] == 36 and p["ntasks_per_node"] == 1
     assert p["gres"] == "gpu:8" and p["time"] == 6000 and p["exclude"] == "n3,n7" and p["exclusive"] is True
-    assert p["partition"] == "gpu" and p["account"] == "proj" and p["cpus_per_task"] == "64"
+    assert p["partition"] == "gpu" and p["account"] == "proj" and p["cpus_per_task"] == 64
     assert p["additional_parameters"] == {"hint": "nomultithread", "mail_type": "END", "comment": "hello world"}
     assert "output" not in p and "signal" not in p  # submitit writes its own
 

@@ -374,7 +374,7 @@ def resume(run_dir: Path, chain: int | None = None) -> int:
         what = f" (jobs {' '.join(j['job_id'] for j in status['jobs'] if j['active'])})" if status["jobs"] else ""
         raise UserError(where, f"is still {status['state']}{what}: follow it with `mtf-train logs -f`, or stop it "
                         f"with `mtf-train cancel` first")
-    ex = executors.EXECUTORS[data.get("executor") or "local"]()
+    ex = executors.EXECUTORS.get(data.get("executor"), executors.LocalExecutor)()
     executor = ex.name
     ex.check_chain(chain, where)
     # A resume is the user's decision to try again: the chain's failure count starts over.

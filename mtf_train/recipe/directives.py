@@ -47,7 +47,7 @@ class Directives:
             if k in SUBMITIT_OWNS:
                 continue
             key = k.replace("-", "_")
-            value = True if v is None else v
+            value = True if v is None else int(v) if v.isdigit() else v  # submitit compares counts as numbers
             if key == "time":  # submitit writes minutes
                 value = parse_time_minutes(v)
             (params if key in SUBMITIT_NATIVE else extra)[key] = value
