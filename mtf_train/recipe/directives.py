@@ -36,9 +36,6 @@ class Directives:
         """The options as sbatch reads them, one per `#SBATCH` line."""
         return [f"--{k}" if v is None else f"--{k}={v}" for k, v in self.options] + list(self.extra)
 
-    def get(self, name: str) -> str | None:
-        return dict(self.options).get(name)
-
     def submitit_parameters(self) -> dict:
         """submitit SlurmExecutor parameters: its own names where it has them, the rest as additional ones."""
         params: dict = {}
