@@ -84,13 +84,12 @@ def which(binary: str) -> str | None:
     return shutil.which(binary, path=ENV["PATH"])
 
 
-def run(*args: str, timeout: float | None = None, check: bool = False, **kw) -> subprocess.CompletedProcess | None:
+def run(*args: str, timeout: float | None = None, **kw) -> subprocess.CompletedProcess | None:
     """A command with its output captured; None when it is missing or does not answer in time."""
     try:
         if "input" not in kw:
             kw["stdin"] = subprocess.DEVNULL
-        return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=ENV, check=check,
-                              **kw)
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
     except (OSError, subprocess.TimeoutExpired):
         return None
 
@@ -351,7 +350,8 @@ def start_munge(root: Path) -> None:
         say(f"creating {key}")
         key.parent.mkdir(parents=True, exist_ok=True)
         if which("mungekey"):
-            run("mungekey", "--create", f"--keyfile={key}", "--force", check=True)
+            if not ok("mungekey", "--create", f"--keyfile={key}", "--force"):
+                raise Failed(f"mungekey could not create {key}")
         else:
             key.write_bytes(os.urandom(1024))
         shutil.chown(key, "munge", "munge")
