@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 from mtf_train.recipe.shape import Shape, derive_shape  # noqa: F401 (plan.Shape, plan.derive_shape: render, launch)
 from mtf_train.rules import flops_per_token, loss_chunk_rows
@@ -148,7 +149,7 @@ def _balanced(n: int, parts: int) -> list[int]:
 
 def uses_flex_attention(r: Recipe) -> bool:
     """The built-in trainer's attention on this cluster: FlexAttention on GPUs without attention dropout."""
-    return r.runtime.kind == "mtf_train" and r.cluster.accelerator == "gpu" and r.model.attention_dropout == 0
+    return runtime(r).has_flex_attention
 
 
 def requested_recompute(r: Recipe) -> str:
@@ -209,8 +210,9 @@ def choose_recompute(r: Recipe, shape: Shape) -> tuple[str, str]:
     asked = requested_recompute(r)
     if asked != "auto":
         return asked, "set by the recipe"
-    if r.runtime.kind != "mtf_train":
-        return "full", "auto with runtime megatron_deepspeed: the 2022 setting (--checkpoint-activations)"
+    rt = runtime(r)
+    if rt.auto_recompute:
+        return rt.auto_recompute, rt.auto_recompute_why
     budget = r.cluster.gpu_memory_gb * (1 - MEMORY_HEADROOM)
     peaks = {}
     for mode in RECOMPUTE_ORDER:
@@ -247,7 +249,7 @@ def build_plan(r: Recipe, shape: Shape) -> Plan:
     tokens_per_step = shape.global_batch * s
     step_s = hw_fpt * tokens_per_step / (shape.world_size * r.cluster.tflops_per_gpu * 1e12)
     total_s = step_s * shape.train_iters
-    if r.runtime.kind == "mtf_train" and dtype == "bf16" and r.precision.zero_stage == 0:
+    if runtime(r).bf16_as_zero1 and dtype == "bf16" and r.precision.zero_stage == 0:
         notes.append("precision.zero_stage 0 with bf16 is run as ZeRO-1 with fp32 gradient accumulation: current "
                      "DeepSpeed cannot resume a ZeRO-0 bf16 pipeline checkpoint; the optimizer (BF16_Optimizer, "
                      "sharded fp32 states) and the numbers are the same as in 2022")

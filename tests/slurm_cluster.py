@@ -23,7 +23,6 @@ MTF_SLURM_ROOT (passed through to the script), MTF_SLURM_UP_TIMEOUT (script's wa
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -32,33 +31,16 @@ from pathlib import Path
 
 import pytest
 
+from mtf_train.launch.slurm import TERMINAL
+from tests import local_slurm
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local-slurm"
 
-# Job states after which a job never runs again (REQUEUED, COMPLETING and the like are not final).
-TERMINAL_STATES = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "TIMEOUT",
-    }
-)
+# Job states after which a job never runs again: mtf-train's own list (REQUEUED, COMPLETING are not final).
+TERMINAL_STATES = TERMINAL
 
-_NEEDED_BINARIES = ("slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "srun", "scontrol", "scancel", "munged")
 _START_TIMEOUT_S = 900  # includes apt-get update + install on a fresh machine
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    extra = [p for p in ("/usr/local/sbin", "/usr/sbin", "/sbin") if p not in env.get("PATH", "").split(":")]
-    env["PATH"] = ":".join([env.get("PATH", "/usr/bin:/bin"), *extra])
-    return env
 
 
 def unavailable_reason() -> str | None:
@@ -69,9 +51,8 @@ def unavailable_reason() -> str | None:
         return f"{SCRIPT} is missing"
     if os.geteuid() != 0:
         return "local SLURM cluster needs root (it starts munged/slurmctld/slurmd and writes /etc/slurm, /etc/hosts)"
-    path = _env()["PATH"]
-    missing = [b for b in _NEEDED_BINARIES if shutil.which(b, path=path) is None]
-    if missing and shutil.which("apt-get", path=path) is None:
+    missing = local_slurm.missing_binaries(accounting=False)
+    if missing and local_slurm.which("apt-get") is None:
         return f"SLURM binaries missing ({' '.join(missing)}) and no apt-get to install them"
     return None
 
@@ -113,7 +94,7 @@ class SlurmCluster:
     def run(self, *args: str, timeout: float = 30, check: bool = True, cwd: str | os.PathLike | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
         """Run a SLURM client command (bounded); raises with its output when check and it fails."""
-        proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=_env(),
+        proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=local_slurm.ENV,
                               cwd=cwd, input=input)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
@@ -212,27 +193,12 @@ class SlurmCluster:
 
     @classmethod
     def from_running(cls, started_here: bool) -> "SlurmCluster":
-        """Describe the cluster configured in /etc/slurm/slurm.conf (written by scripts/local-slurm)."""
-        conf = Path("/etc/slurm/slurm.conf").read_text().splitlines()
-        header = conf[0] if conf else ""
-        fields = dict(t.split("=", 1) for t in header.split() if "=" in t)
-        root = Path(fields.get("root") or os.environ.get("MTF_SLURM_ROOT", "/tmp/mtf-slurm"))
-        env = _env()
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %P %c %G"], capture_output=True, text=True,
-                             timeout=30, env=env, check=True).stdout
-        nodes: list[str] = []
-        partition, cpus, gpus = "debug", 0, 0
-        for line in out.splitlines():
-            name, part, c, gres = line.split()[:4]
-            if name not in nodes:
-                nodes.append(name)
-            if part.endswith("*"):
-                partition = part.rstrip("*")
-            cpus = int(c)
-            if gres.startswith("gpu:"):
-                gpus = int(gres.split(":")[-1].split("(")[0])
-        nodes.sort(key=lambda n: (len(n), n))
-        return cls(root=root, nodes=nodes, partition=partition, cpus_per_node=cpus, gpus_per_node=gpus,
+        """Describe the running cluster from its state.json (written by scripts/local-slurm under its root)."""
+        state = local_slurm.read_state()
+        if state is None:
+            raise RuntimeError("no local SLURM cluster is configured in /etc/slurm/slurm.conf")
+        return cls(root=Path(state["root"]), nodes=list(state["nodes"]), partition=state["partition"],
+                   cpus_per_node=state["cpus_per_node"], gpus_per_node=state["gpus_per_node"],
                    started_here=started_here)
 
 
@@ -248,7 +214,7 @@ def slurm_cluster():
         cmd += ["--nodes", os.environ["MTF_SLURM_NODES"]]
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_START_TIMEOUT_S, env=_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_START_TIMEOUT_S, env=local_slurm.ENV)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} did not finish in {_START_TIMEOUT_S}s:\n{exc.stdout}\n{exc.stderr}",
                     pytrace=False)
@@ -263,4 +229,4 @@ def slurm_cluster():
         yield cluster
     finally:
         cluster.cancel_unfinished()
-        subprocess.run(["bash", str(SCRIPT), "release", lease], capture_output=True, text=True, timeout=120, env=_env())
+        subprocess.run(["bash", str(SCRIPT), "release", lease], capture_output=True, text=True, timeout=120, env=local_slurm.ENV)

@@ -15,7 +15,7 @@ import pytest
 
 from mtf_train.launch.preflight import format_summary, summarize
 from mtf_train.launch.runfolder import create_run_folder
-from mtf_train.launch.submit import _extra_sbatch
+from mtf_train.recipe.directives import parse_extra as _extra_sbatch
 from tests.helpers import BIN, RECIPES, ROOT, mtf, one_line_error
 
 TINY = str(RECIPES / "tiny-local.yaml")

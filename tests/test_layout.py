@@ -31,7 +31,7 @@ ALLOWED = {
               "ckpt.safe", "ckpt.torchzip"),
     # beside the trainer: the model, its names and its data; a recipe only for its cluster's job directives
     "ckpt": ("errors", "files", "rules", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),
-    "eval": ("errors", "files", "rules", "recipe.schema", "recipe.yamlio", "plan", "ckpt"),
+    "eval": ("errors", "files", "rules", "recipe.schema", "recipe.yamlio", "recipe.directives", "plan", "ckpt"),
     "cli": ("*",),
 }
 # Known edges against the table, each with why it is still there; remove an entry once its import is gone.

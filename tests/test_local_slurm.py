@@ -43,6 +43,14 @@ def test_cluster_shape(cluster: SlurmCluster):
     states = cluster.run("sinfo", "-h", "-N", "-p", "debug", "-o", "%N %t").stdout.split("\n")
     for line in filter(None, states):
         assert line.split()[1] in {"idle", "mix", "alloc", "comp"}, line
+    # The state file the fixture reads says what SLURM itself reports.
+    seen = {}
+    for line in cluster.run("sinfo", "-h", "-N", "-o", "%N %P %c %G").stdout.split("\n"):
+        if line.strip():
+            name, part, cpus, gres = line.split()[:4]
+            seen[name] = (part.rstrip("*"), int(cpus), int(gres.split(":")[-1].split("(")[0]))
+    assert sorted(seen, key=lambda n: (len(n), n)) == cluster.nodes
+    assert set(seen.values()) == {(cluster.partition, cluster.cpus_per_node, cluster.gpus_per_node)}
 
 
 def test_two_node_job_sees_rank_node_and_gpus(cluster: SlurmCluster, tmp_path: Path):

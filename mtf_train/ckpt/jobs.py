@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 from mtf_train.ckpt.layout import CkptError
+from mtf_train.files import write_atomic
 
 
 def render_reshape_job(src, *, tp: int, pp: int, dp: int, out: Path, method: str, verify: bool, recipe: str | None,
                        sets, job: str | None) -> Path:
+    from mtf_train.recipe.directives import directives
     from mtf_train.recipe.load import load_recipe
     from mtf_train.render.job import job_env
 
@@ -26,18 +28,9 @@ def render_reshape_job(src, *, tp: int, pp: int, dp: int, out: Path, method: str
         raise CkptError("--job", f"the verification runs need {world} processes on one node; the recipe's nodes have "
                         f"{c.gpus_per_node} GPUs (verification runs are single-node): reshape to a smaller dp")
     path = Path(job) if job else out.parent / f"reshape-{out.name}.sbatch"
+    d = directives(r, job_name=f"reshape-{out.name}", nodes=1, output=f"{out.parent}/reshape-{out.name}-%j.out")
     lines = ["#!/bin/bash", f"# Rendered by mtf-train ckpt reshape: {src.ck.path} -> {out}",
-             f"#SBATCH --job-name=reshape-{out.name}", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --time={c.time}", f"#SBATCH --output={out.parent}/reshape-{out.name}-%j.out"]
-    if c.accelerator == "gpu":
-        lines.append(f"#SBATCH --gres=gpu:{c.gpus_per_node}")
-    for key in ("partition", "account", "qos", "constraint", "cpus_per_task", "hint"):
-        value = getattr(c, key, None)
-        if value:
-            lines.append(f"#SBATCH --{key.replace('_', '-')}={value}")
-    if c.exclusive:
-        lines.append("#SBATCH --exclusive")
-    lines += [f"#SBATCH {x}" for x in c.extra_sbatch]
+             *(f"#SBATCH {x}" for x in d.lines())]
     lines += ["", "set -euo pipefail"]
     for k, v in job_env(r):
         lines.append(f"export {k}={shlex.quote(str(v))}")
@@ -47,7 +40,5 @@ def render_reshape_job(src, *, tp: int, pp: int, dp: int, out: Path, method: str
     if not verify:
         cmd.append("--no-verify")
     lines += ["", " ".join(shlex.quote(x) for x in cmd), ""]
-    path.write_text("\n".join(lines))
-    path.chmod(0o755)
-    return path
+    return write_atomic(path, "\n".join(lines), mode=0o755)
 

@@ -13,6 +13,7 @@ import sys
 import mtf_train
 from mtf_train.eval.tasks import select
 from mtf_train.plan import Plan
+from mtf_train.recipe.directives import directives
 from mtf_train.recipe.schema import Recipe
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -49,12 +50,10 @@ def eval_args(r: Recipe) -> list[str]:
     return args
 
 
-def render_eval_job(r: Recipe, plan: Plan, run_dir: str, sbatch_options: list[str], srun_options: list[str],
-                    template_env) -> str:
+def render_eval_job(r: Recipe, plan: Plan, run_dir: str, srun_options: list[str], template_env) -> str:
     zs = r.eval.zero_shot
     select(zs.tasks or None, zs.languages or None, where="eval.zero_shot.tasks")  # names checked at render time
     gpus, _ = eval_gpus(r, plan)
-    c = r.cluster
     lines, current = [], []
     for a in eval_args(r):  # one flag and its value per line, for a readable script
         if a.startswith("--") and current:
@@ -65,8 +64,9 @@ def render_eval_job(r: Recipe, plan: Plan, run_dir: str, sbatch_options: list[st
         lines.append(" ".join(current))
     what = "every saved step" if zs.job == "every_step" else "the last checkpoint"
     return template_env.get_template("eval.sbatch.j2").render(
-        version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, gpus=gpus,
-        cpus_per_task=c.cpus_per_task, gres=c.accelerator == "gpu", time=zs.time, run_dir=run_dir,
-        sbatch_options=sbatch_options, extra_sbatch=c.extra_sbatch, setup=r.environment.setup,
+        version=mtf_train.__version__, recipe_path=str(r.origin.path), gpus=gpus, run_dir=run_dir,
+        directives=directives(r, job_name=f"{r.name}-eval", nodes=1, gpus=gpus, time=zs.time,
+                              time_field="eval.zero_shot.time", output=f"{run_dir}/logs/%x-%j.out").lines(),
+        setup=r.environment.setup,
         env=sorted(r.environment.env.items()), python=r.runtime.python or sys.executable, eval_lines=lines,
         srun_options=srun_options, what=what)

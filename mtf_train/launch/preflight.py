@@ -21,7 +21,8 @@ from mtf_train.launch import slurm
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, runs_root
 from mtf_train.recipe.schema import Recipe
 from mtf_train.files import write_atomic
-from mtf_train.render.job import job_env, sbatch_options, srun_options, template_env
+from mtf_train.recipe.directives import directives
+from mtf_train.render.job import job_env, srun_options, template_env
 
 SLOW_FRACTION = 0.10  # a node this far below the median is worth excluding
 
@@ -34,9 +35,9 @@ def render_preflight(r: Recipe, run_dir: Path, write_to: Path, *, seconds: float
     c = r.cluster
     gpu = c.accelerator == "gpu"
     text = template_env().get_template("preflight.sbatch.j2").render(
-        version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, nodes=c.nodes,
-        cpus_per_task=c.cpus_per_task, gres=gpu, gpus_per_node=c.gpus_per_node, time=time_limit,
-        run_dir=str(run_dir), sbatch_options=sbatch_options(r), extra_sbatch=c.extra_sbatch,
+        version=mtf_train.__version__, recipe_path=str(r.origin.path), run_dir=str(run_dir),
+        directives=directives(r, job_name=f"{r.name}-preflight", time=time_limit, time_field="--time",
+                              output=f"{run_dir}/logs/%x-%j.out").lines(),
         setup=r.environment.setup, env=job_env(r), master_port=c.master_port,
         python=r.runtime.python or sys.executable, nproc_per_node=c.gpus_per_node if gpu else 1,
         worker_args=["--seconds", f"{seconds:g}"], srun_options=srun_options(r))

@@ -17,7 +17,6 @@ import io
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,47 +24,28 @@ import time
 from pathlib import Path
 
 from mtf_train.errors import UserError
-from mtf_train.launch import slurm
+from mtf_train.launch import executors, slurm
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, launcher_identity, runs_root
 from mtf_train.plan import Plan, Shape, format_plan
 from mtf_train.recipe.schema import Recipe
 from mtf_train.files import write_atomic
-from mtf_train.render.job import render_job
+from mtf_train.recipe.directives import dependency, directives
+from mtf_train.render.job import render_job, srun_options
 
 
 class SubmitError(UserError):
     exit_code = 1
 
 
-def resolve_executor(r: Recipe, override: str | None) -> str:
-    executor = override or r.executor
-    if executor == "auto":
-        executor = "slurm" if shutil.which("sbatch") else "local"
-    return executor
-
-
-def rendered_save_dir(job_script: Path) -> str | None:
-    """The checkpoint folder the rendered job saves into (its `SAVE=` line)."""
-    m = re.search(r"^SAVE=(.*)$", job_script.read_text(), re.M)
-    if not m:
-        return None
-    parts = shlex.split(m.group(1))
-    return parts[0] if parts else None
-
-
 def submit(r: Recipe, shape: Shape, plan: Plan, *, executor: str | None, dry_run: bool,
            runs_dir: str | None, chain: int | None = None) -> int:
-    executor = resolve_executor(r, executor)
+    ex = executors.choose(r, executor)
+    executor = ex.name
     where = str(r.origin.path)
-    if executor == "local" and shape.world_size > 1 and r.cluster.nodes > 1:
-        raise UserError(where, f"executor local runs on one machine; the recipe asks for "
-                        f"{r.cluster.nodes} nodes", field="cluster.nodes")
-    if chain is not None and chain < 1:
-        raise UserError(where, f"--chain must be at least 1, got {chain}")
-    if chain is not None and chain > 1 and executor == "local":
-        raise UserError(where, "--chain needs executor slurm or submitit (a local run is one job)")
+    ex.check(r, shape, where)
+    ex.check_chain(chain, where)
 
-    if not dry_run and (executor == "local" or (executor == "submitit" and not slurm.available("sbatch"))):
+    if not dry_run and ex.runs_here:
         # The job runs here: a missing data.root or a damaged dataset is one line now, not a traceback from
         # every rank after torchrun's start-up.
         from mtf_train.recipe.validate import validate
@@ -76,7 +56,7 @@ def submit(r: Recipe, shape: Shape, plan: Plan, *, executor: str | None, dry_run
         (staging / "logs").mkdir(exist_ok=True)
         info = RunInfo(staging)
         data = initial_info(r.name, where, executor)
-        data.update(save=rendered_save_dir(staging / rendered.job_script.name), train_iters=shape.train_iters,
+        data.update(save=str(rendered.save_dir), train_iters=shape.train_iters,
                     nodes=r.cluster.nodes, processes_per_node=r.cluster.gpus_per_node, chain=chain or 1)
         info.write(data)
         info.event(f"rendered for executor {executor}")
@@ -88,13 +68,7 @@ def submit(r: Recipe, shape: Shape, plan: Plan, *, executor: str | None, dry_run
         RunInfo(run_dir).event("dry run: nothing submitted")
         print(f"dry run: nothing submitted; the job script is {run_dir / 'job.sbatch'}")
         return 0
-    if executor == "slurm":
-        return _submit_slurm(run_dir, chain or 1)
-    if executor == "submitit":
-        return _submit_submitit(r, shape, run_dir, chain)
-    if executor == "local":
-        return _run_local(run_dir)
-    raise SubmitError(where, f"unknown executor {executor!r}", field="executor")
+    return ex.submit(r, shape, run_dir, chain)
 
 
 def _fail(info: RunInfo, message: str, **extra) -> SubmitError:
@@ -113,7 +87,7 @@ def _submit_slurm(run_dir: Path, chain: int, resumed: bool = False) -> int:
     ids: list[str] = []
     commands: list[list[str]] = []
     for _ in range(chain):
-        args = ([f"--dependency=afterany:{ids[-1]}"] if ids else []) + [job]
+        args = ([dependency("afterany", ids[-1])] if ids else []) + [job]
         commands.append(["sbatch", "--parsable", *args])
         job_id, error = slurm.sbatch(args)
         if job_id is None:
@@ -141,7 +115,7 @@ def _submit_eval(run_dir: Path, ids: list[str], commands: list[list[str]]) -> No
     the job that finishes training cancels the chain's later ones (eval.sbatch checks `finished` itself)."""
     info = RunInfo(run_dir)
     kind = "afterok" if len(ids) == 1 else "afterany"
-    args = [f"--dependency={kind}:{ids[-1]}", str(run_dir / "eval.sbatch")]
+    args = [dependency(kind, ids[-1]), str(run_dir / "eval.sbatch")]
     commands.append(["sbatch", "--parsable", *args])
     job_id, error = slurm.sbatch(args)
     if job_id is None:
@@ -152,18 +126,6 @@ def _submit_eval(run_dir: Path, ids: list[str], commands: list[list[str]]) -> No
     info.update(eval_job_ids=[job_id], submit_commands=commands)
     info.event(f"submitted evaluation job {job_id} ({kind}:{ids[-1]})")
     print(f"submitted evaluation job {job_id}, after job {ids[-1]} ({kind}); results in {run_dir / 'eval'}")
-
-
-def _extra_sbatch(lines: list[str]) -> dict:
-    """`extra_sbatch` lines (`--key=value`, `--key value`, `--flag`) as submitit's additional_parameters."""
-    out: dict = {}
-    for line in lines:
-        text = line.strip().removeprefix("--")
-        key, sep, value = text.partition("=")
-        if not sep:
-            key, _, value = text.partition(" ")
-        out[key.strip().replace("-", "_")] = value.strip() if value.strip() else True
-    return out
 
 
 def _submit_submitit(r: Recipe, shape: Shape, run_dir: Path, chain: int | None, resumed: bool = False) -> int:
@@ -183,31 +145,11 @@ def _submit_submitit(r: Recipe, shape: Shape, run_dir: Path, chain: int | None, 
     try:
         if on_slurm:
             ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=max_requeues, python=python)
-            params: dict = dict(job_name=r.name, nodes=c.nodes, ntasks_per_node=1, time=minutes,
-                                signal_delay_s=c.signal_margin_s, stderr_to_stdout=True,
-                                setup=list(r.environment.setup))
-            for name in ("partition", "account", "qos", "constraint", "cpus_per_task"):
-                if getattr(c, name):
-                    params[name] = getattr(c, name)
-            if c.accelerator == "gpu":
-                params["gpus_per_node"] = c.gpus_per_node
-            if c.exclude:
-                params["exclude"] = ",".join(c.exclude)
-            if c.exclusive:
-                params["exclusive"] = True
-            extra = _extra_sbatch(c.extra_sbatch)
-            if c.hint:
-                extra["hint"] = c.hint
-            if extra:
-                params["additional_parameters"] = extra
-            ct = r.environment.container
-            if ct.image:
-                srun_args = [f"--container-image={ct.image}"]
-                if ct.mounts:
-                    srun_args.append("--container-mounts=" + ",".join(ct.mounts))
-                if ct.workdir:
-                    srun_args.append(f"--container-workdir={ct.workdir}")
-                params["srun_args"] = srun_args
+            # The recipe's directives (submitit writes its own log paths and pre-timeout signal), time in minutes.
+            params = directives(r).submitit_parameters() | dict(
+                signal_delay_s=c.signal_margin_s, stderr_to_stdout=True, setup=list(r.environment.setup))
+            if srun_options(r):
+                params["srun_args"] = srun_options(r)
         else:
             if c.nodes > 1:
                 raise _fail(info, f"submitit without SLURM (no srun/sbatch on PATH) runs on one machine; the recipe "
@@ -432,23 +374,13 @@ def resume(run_dir: Path, chain: int | None = None) -> int:
         what = f" (jobs {' '.join(j['job_id'] for j in status['jobs'] if j['active'])})" if status["jobs"] else ""
         raise UserError(where, f"is still {status['state']}{what}: follow it with `mtf-train logs -f`, or stop it "
                         f"with `mtf-train cancel` first")
-    executor = data.get("executor") or "local"
-    if chain is not None and chain < 1:
-        raise UserError(where, f"--chain must be at least 1, got {chain}")
-    if chain is not None and chain > 1 and executor == "local":
-        raise UserError(where, "--chain needs executor slurm or submitit (a local run is one job)")
+    ex = executors.EXECUTORS.get(data.get("executor"), executors.LocalExecutor)()
+    executor = ex.name
+    ex.check_chain(chain, where)
     # A resume is the user's decision to try again: the chain's failure count starts over.
     write_atomic(run_dir / "failures", "0\n")
     step = _saved_step(run_dir)
     info.update(resumes=int(data.get("resumes") or 0) + 1)
     info.event(f"resume ({executor}) from step {step or 0}: {' '.join(initial_info('', '', '')['command'])}")
     print(f"resuming {run_dir} from " + (f"step {step}" if step else "its start (no checkpoint yet)"), flush=True)
-    if executor == "slurm":
-        return _submit_slurm(run_dir, chain or 1, resumed=True)
-    if executor == "submitit":
-        from mtf_train.plan import derive_shape
-        from mtf_train.recipe.load import load_recipe
-
-        r = load_recipe(run_dir / "recipe.resolved.yaml")
-        return _submit_submitit(r, derive_shape(r), run_dir, chain or data.get("chain"), resumed=True)
-    return _run_local(run_dir)
+    return ex.submit(None, None, run_dir, chain or data.get("chain"), resumed=True)

@@ -14,8 +14,8 @@ from typing import IO
 
 from mtf_train.errors import UserError
 from mtf_train.eval.report import format_scores, latest_scores
-from mtf_train.launch import slurm
-from mtf_train.launch.runfolder import RunInfo, local_alive, runs_root
+from mtf_train.launch import executors
+from mtf_train.launch.runfolder import RunInfo, runs_root
 
 
 class RunNotFound(UserError):
@@ -101,9 +101,8 @@ def _read_tail_records(path: Path, max_bytes: int = 1 << 20) -> list[dict]:
 
 def run_status(run_dir: Path) -> dict:
     info = RunInfo(run_dir).read()
-    job_ids = [str(j) for j in info.get("job_ids") or []]
-    states = slurm.job_states(job_ids) if job_ids else {}
-    jobs = [{**vars(states[j]), "active": states[j].active, "terminal": states[j].terminal} for j in job_ids]
+    states, alive = executors.of_run(info).status(info)
+    jobs = [{**vars(j), "active": j.active, "terminal": j.terminal} for j in states]
 
     records = _read_tail_records(run_dir / "metrics.jsonl")
     train = next((r for r in reversed(records) if r.get("kind") == "train"), None)
@@ -128,7 +127,6 @@ def run_status(run_dir: Path) -> dict:
 
     recorded = info.get("state", "unknown")
     error = info.get("error")
-    alive = local_alive(info) if recorded == "running" and not job_ids else None
     if alive is False:  # a local run whose launcher was killed outright: its job's last event says how it ended
         last = _last_job_event(run_dir)
         if " failed: " in last:
@@ -232,13 +230,9 @@ def format_run_list(root: Path, limit: int = 20) -> str:
 
 
 def is_active(run_dir: Path) -> bool:
-    """Whether the run may still write to its log. A job whose state could not be asked (a controller too busy
-    to answer) counts as active; so does the next job of a chain while it waits for the one before to end."""
+    """Whether the run may still write to its log."""
     info = RunInfo(run_dir).read()
-    ids = [str(j) for j in info.get("job_ids") or []]
-    if ids:
-        return any(s.active or (s.state == "UNKNOWN" and not s.source) for s in slurm.job_states(ids).values())
-    return info.get("state") == "running" and local_alive(info) is not False
+    return executors.of_run(info).active(info)
 
 
 # ------------------------------------------------------------------------------------------------ logs
@@ -297,34 +291,5 @@ def show_logs(run_dir: Path, follow: bool, out: IO[str] = sys.stdout, poll_s: fl
 # ---------------------------------------------------------------------------------------------- cancel
 
 def cancel_run(run_dir: Path) -> int:
-    info_file = RunInfo(run_dir)
-    info = info_file.read()
-    ids = [str(j) for j in info.get("job_ids") or []]
-    if not ids:
-        alive = local_alive(info) if info.get("state") == "running" else False
-        if alive is False and info.get("state") == "running":
-            s = run_status(run_dir)  # what its job recorded last, since its launcher could not
-            info_file.update(state=s["recorded_state"], error=s["error"])
-            info_file.event(f"cancel: the local run's processes have ended; recorded it as {s['recorded_state']}")
-            print(f"nothing to cancel: the local run's processes have ended ({s['state']}); resume with: "
-                  f"mtf-train resume {run_dir}")
-            return 0
-        if alive is not False:
-            (run_dir / "kill-switch").touch()
-            info_file.event("cancel: touched the kill switch (local run): save and exit")
-            print(f"asked the local run to save and exit (touched {run_dir / 'kill-switch'})")
-            return 0
-        print(f"nothing to cancel: {run_dir} has no jobs (state {info.get('state', 'unknown')})")
-        return 0
-    states = slurm.job_states(ids)
-    live = [j for j in ids if not states[j].terminal]  # UNKNOWN too: scancel tells
-    if not live:
-        print(f"nothing to cancel: jobs {' '.join(f'{j} {states[j].state}' for j in ids)}")
-        return 0
-    ok, message = slurm.cancel(live)
-    if not ok:
-        raise UserError(str(run_dir), f"scancel failed: {message}")
-    info_file.update(state="cancelled", cancelled=live)
-    info_file.event(f"cancelled jobs {' '.join(live)}")
-    print(f"cancelled job(s) {' '.join(live)} of {run_dir}")
-    return 0
+    info = RunInfo(run_dir).read()
+    return executors.of_run(info).cancel(run_dir, info)

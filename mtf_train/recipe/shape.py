@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtf_train import rules
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 
 
@@ -74,7 +75,7 @@ def derive_shape(r: Recipe) -> Shape:
         exit_min = max(1, time_min - r.cluster.save_margin_mins)
 
     zero = r.precision.zero_stage
-    if r.runtime.kind == "mtf_train" and r.precision.dtype == "bf16":
+    if runtime(r).bf16_as_zero1 and r.precision.dtype == "bf16":
         zero = 1  # current DeepSpeed: BF16_Optimizer resumes only as ZeRO-1 + fp32 grad accumulation
 
     units = rules.partition_units(m.num_layers, r.parallel.partition_method)

@@ -9,13 +9,13 @@ import os
 import re
 
 from mtf_train.errors import RecipeError
+from mtf_train.recipe.directives import directives
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 from mtf_train.recipe.shape import Shape, derive_shape
 from mtf_train.rules import parse_time_minutes
 
 PARTITION_METHODS = ("type:transformer|embedding", "type:transformer", "uniform", "parameters")
-# Values written into #SBATCH lines are read by sbatch, not a shell: keep them to characters it takes literally.
-SBATCH_VALUE = re.compile(r"^[A-Za-z0-9._,:=@%+/\[\]|&*!-]+$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -84,21 +84,9 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
         fail("model.pad_vocab_size_to", f"padded vocabulary {s.padded_vocab} is not divisible by tp {s.tp}")
     if m.seq_length > s.max_positions:
         fail("model.seq_length", f"{m.seq_length} exceeds max_position_embeddings {s.max_positions}")
-    # Settings of Megatron-DeepSpeed that the built-in trainer does not have: refused rather than ignored.
-    if r.runtime.kind == "mtf_train":
-        if not m.embed_layernorm:
-            fail("model.embed_layernorm", "false is not supported by the built-in trainer (its BLOOM always has the "
-                                          "embedding layer norm); use runtime.kind megatron_deepspeed for it")
-        if not par.sync_tp_duplicated_parameters:
-            fail("parallel.sync_tp_duplicated_parameters", "false is not supported by the built-in trainer: "
-                 "its tensor-parallel replicas of layer norms and row-parallel biases get identical gradients and "
-                 "stay equal")
-        if r.data.dataloader_type != "single":
-            fail("data.dataloader_type", f"{r.data.dataloader_type} is not supported by the built-in trainer: it "
-                                         "reads Megatron's single order, which makes resumes exact")
-    if m.position_embedding_type != "alibi" and r.runtime.kind == "mtf_train":
-        fail("model.position_embedding_type", "packed MTF rows need alibi: absolute positions are not reset "
-                                              "per packed example")
+    # Settings the recipe's trainer does not have: refused rather than ignored.
+    for field, reason in runtime(r).refusals():
+        fail(field, reason)
     for name in ("hidden_dropout", "attention_dropout"):
         if getattr(m, name) >= 1:
             fail(f"model.{name}", f"must be < 1, got {getattr(m, name)}")
@@ -117,20 +105,6 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
     p = r.precision
     if p.dtype == "fp16" and r.cluster.accelerator == "cpu":
         fail("precision.dtype", "fp16 needs GPUs (no loss-scaled fp16 on CPU); use bf16 or fp32")
-    if r.runtime.kind == "megatron_deepspeed":
-        if p.dtype == "bf16" and p.zero_stage != 0:
-            fail("precision.zero_stage", "the Megatron-DeepSpeed runtime runs bf16 with its own stage-1-like "
-                                         "BF16_Optimizer and needs zero_stage 0")
-        if r.runtime.megatron_deepspeed_dir is None:
-            fail("runtime.megatron_deepspeed_dir", "required with runtime.kind megatron_deepspeed")
-        if r.cluster.accelerator == "cpu":
-            fail("cluster.accelerator", "the Megatron-DeepSpeed runtime needs GPUs (fused CUDA kernels)")
-        if r.training.recompute == "selective":
-            fail("training.recompute", "selective recomputation is the built-in trainer's; the Megatron-DeepSpeed "
-                                       "runtime has only none or full (--checkpoint-activations)")
-        if r.training.compile is not None:
-            fail("training.compile", "block compilation is the built-in trainer's; leave it unset with the "
-                                     "Megatron-DeepSpeed runtime")
     t = r.training
     if t.checkpoint_activations is not None and t.recompute != "auto" \
             and t.recompute != ("full" if t.checkpoint_activations else "none"):
@@ -166,20 +140,8 @@ def validate(r: Recipe, check_data: bool = False) -> Shape:
         fail(["cluster.signal_margin_s", "cluster.time"], f"signal_margin_s {r.cluster.signal_margin_s} s is not "
              f"shorter than the time limit {r.cluster.time}")
 
-    # What reaches the job script: #SBATCH values, variable names. Other strings are shell-quoted.
-    c = r.cluster
-    if not SBATCH_VALUE.match(r.name or ""):
-        fail("name", f"{r.name!r} is not a valid job name (no spaces or quotes)")
-    for name in ("partition", "account", "qos", "constraint", "hint"):
-        v = getattr(c, name)
-        if v is not None and not SBATCH_VALUE.match(v):
-            fail(f"cluster.{name}", f"{v!r} holds characters sbatch would misread (spaces, quotes, ...)")
-    for i, node in enumerate(c.exclude):
-        if not SBATCH_VALUE.match(node):
-            fail("cluster.exclude", f"item {i} {node!r} is not a node name or list")
-    for i, line in enumerate(c.extra_sbatch):
-        if "\n" in line or "\r" in line or not line.startswith("-"):
-            fail("cluster.extra_sbatch", f"item {i} must be one sbatch option starting with '-', got {line!r}")
+    # What reaches the job script: #SBATCH values (checked where they are made), variable names.
+    directives(r)
     for key in r.environment.env:
         if not ENV_NAME.match(key):
             fail(f"environment.env.{key}", "is not a valid environment variable name")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from mtf_train.plan import Shape
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 
 
@@ -19,7 +20,7 @@ def ds_config(r: Recipe, s: Shape) -> dict:
                        "initial_scale_power": p.initial_scale_power}
     elif p.dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
-        if r.runtime.kind == "mtf_train":
+        if runtime(r).bf16_as_zero1:
             # Current DeepSpeed picks BLOOM's BF16_Optimizer (fp32 master weights and gradient accumulation,
             # states sharded over dp) for bf16 + ZeRO-1 with fp32 accumulation; it is also the only bf16
             # pipeline setting whose checkpoints it loads again (resuming a bf16 + ZeRO-0 pipeline checkpoint fails

@@ -15,7 +15,9 @@ from mtf_train.data.pathfile import format_groups
 from mtf_train.errors import UserError
 from mtf_train.files import write_atomic
 from mtf_train.plan import Plan, Shape, format_plan
+from mtf_train.recipe.directives import Directives, directives
 from mtf_train.recipe.load import dump_recipe, path_groups
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 from mtf_train.render.ds_config import ds_config
 from mtf_train.render.trainer_args import trainer_args
@@ -24,11 +26,16 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 MAX_FAILURES = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rendered:
+    """What `render_job` decided: where things are and what the scheduler is asked for (paths are the run
+    folder's, even when the files were written elsewhere to be moved there)."""
     run_dir: Path
     job_script: Path
     files: list[Path]
+    save_dir: Path
+    directives: Directives
+    eval_script: Path | None = None
 
 
 def _arg_lines(args: list[str]) -> list[str]:
@@ -57,17 +64,6 @@ def job_env(r: Recipe) -> list[tuple[str, str]]:
     if r.cluster.cuda_launch_blocking:
         env.setdefault("CUDA_LAUNCH_BLOCKING", "1")
     return sorted(env.items())
-
-
-def sbatch_options(r: Recipe) -> list[str]:
-    """#SBATCH options from the recipe's cluster section (beyond nodes, tasks, GPUs and time)."""
-    c = r.cluster
-    out = [f"--{name}={getattr(c, name)}" for name in ("partition", "account", "qos", "constraint") if getattr(c, name)]
-    if c.exclusive:
-        out.append("--exclusive")
-    if c.exclude:
-        out.append("--exclude=" + ",".join(c.exclude))
-    return out
 
 
 def srun_options(r: Recipe) -> list[str]:
@@ -114,29 +110,26 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
                       ds_config=str(ds_path), train_path=str(train_file),
                       valid_path=str(valid_file) if valid_file else None, kill_switch="$KILL_SWITCH_PATH")
 
-    if r.runtime.kind == "mtf_train":
-        program = ["-m", "mtf_train.train"]
-    else:
-        program = [str(Path(r.runtime.megatron_deepspeed_dir) / r.runtime.entrypoint)]
     c = r.cluster
     # The kill-switch path is a variable of the job script: expanded there, not quoted as a literal.
     lines = [ln.replace("'$KILL_SWITCH_PATH'", '"$KILL_SWITCH_PATH"') for ln in _arg_lines(ta.common)]
 
+    # SLURM's pre-timeout signal goes to the batch shell (B:), which turns it into the kill switch.
+    d = directives(r, output=f"{run_dir}/logs/%x-%j.out", signal=f"B:USR1@{c.signal_margin_s}")
     script = template_env().get_template("job.sbatch.j2").render(
-        version=mtf_train.__version__, recipe_path=str(r.origin.path), job_name=r.name, nodes=c.nodes,
-        cpus_per_task=c.cpus_per_task, hint=c.hint, gres=c.accelerator == "gpu", gpus_per_node=c.gpus_per_node,
-        time=c.time, run_dir=str(run_dir), signal_margin=c.signal_margin_s, sbatch_options=sbatch_options(r),
-        extra_sbatch=c.extra_sbatch, setup=r.environment.setup, env=job_env(r),
+        version=mtf_train.__version__, recipe_path=str(r.origin.path), directives=d.lines(), gpus_per_node=c.gpus_per_node,
+        run_dir=str(run_dir), setup=r.environment.setup, env=job_env(r),
         max_failures=MAX_FAILURES, save=str(save), first_run=ta.first_run, first_load=ta.first_load or str(save),
-        master_port=c.master_port, python=r.runtime.python or sys.executable, program=program, common_lines=lines,
+        master_port=c.master_port, python=r.runtime.python or sys.executable, program=runtime(r).program(), common_lines=lines,
         srun_options=srun_options(r), train_iters=shape.train_iters)
     job = put("job.sbatch", script, mode=0o755)
+    eval_script = None
     if r.eval.zero_shot.job != "none":
         from mtf_train.eval.job import render_eval_job
 
-        put("eval.sbatch", render_eval_job(r, plan, str(run_dir), sbatch_options(r), srun_options(r), template_env()),
-            mode=0o755)
+        eval_script = put("eval.sbatch", render_eval_job(r, plan, str(run_dir), srun_options(r), template_env()),
+                          mode=0o755)
     put("recipe.resolved.yaml", dump_recipe(r))
     put("plan.txt", format_plan(plan) + "\n")
     put("plan.json", plan.to_json() + "\n")
-    return Rendered(run_dir, job, files)
+    return Rendered(run_dir, job, files, save, d, eval_script)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtf_train.plan import Shape, choose_recompute
+from mtf_train.recipe.runtime import runtime
 from mtf_train.recipe.schema import Recipe
 
 
@@ -28,6 +29,7 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
                  train_path: str, valid_path: str | None, kill_switch: str) -> TrainerArgs:
     m, o, t, c = r.model, r.optimizer, r.training, r.checkpoint
     recompute, _ = choose_recompute(r, s)  # auto resolved by the plan's memory model
+    rt = runtime(r)
     first = []
     if c.universal:
         first.append("--universal-checkpoint")
@@ -62,10 +64,7 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
     a += ["--seed", str(t.seed), "--position-embedding-type", m.position_embedding_type]
     if recompute == "full":
         a.append("--checkpoint-activations")  # finetune_t0's spelling, which both runtimes read
-    if r.runtime.kind == "mtf_train":
-        a += ["--recompute", recompute]
-        if t.compile is not None:
-            a.append("--compile" if t.compile else "--no-compile")
+    a += rt.own_args(recompute)
     if t.fused_kernels:
         a.append("--abort-on-unmet-fused-kernel-constraints")
     a += ["--kill-switch-path", kill_switch]
@@ -100,8 +99,7 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
         a += ["--valid-weighted-split-paths-path", valid_path]
     backend = r.runtime.distributed_backend or ("gloo" if r.cluster.accelerator == "cpu" else "nccl")
     a += ["--dataloader-type", r.data.dataloader_type, "--data-impl", "mmap", "--distributed-backend", backend]
-    if r.runtime.kind == "mtf_train":
-        a += ["--num-workers", str(r.data.num_workers)]
+    a += rt.loader_args()
     a += ["--deepspeed", "--deepspeed_config", ds_config, "--zero-stage", str(s.zero_stage)]
     if recompute == "full":
         a.append("--deepspeed-activation-checkpointing")
