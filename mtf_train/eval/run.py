@@ -35,7 +35,7 @@ def _output_to(log: Path):
     saved = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
     with open(log, "a", encoding="utf-8") as fh:
-        fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} mtf-train eval {' '.join(sys.argv[1:])}\n")
+        fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} mtf-train {' '.join(sys.argv[1:])}\n")
         fh.flush()
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
@@ -51,11 +51,15 @@ def _output_to(log: Path):
             terminal.close()
 
 
+def _quiet_environment() -> None:
+    """Before the libraries are imported: tqdm reads TQDM_DISABLE when it is imported."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval draws a bar per task and prompt; the table says enough
+
+
 def _quiet_libraries() -> None:
     import logging
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval draws a bar per task and prompt; the table says enough
     for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -134,6 +138,7 @@ def evaluate(target: str, *, tasks: list[str] | None, languages: list[str] | Non
     print(f"evaluating {tgt.path} ({tgt.kind}; {len(tgt.models)} model(s)): "
           f"{len(sources)} task-language pair(s), results in {eval_root} (full log: {log})", flush=True)
     with _output_to(log) as say:
+        _quiet_environment()
         import torch  # after the cheap checks: a bad argument is refused before the heavy imports
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
