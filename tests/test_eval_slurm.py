@@ -79,3 +79,25 @@ def test_eval_job_follows_the_chain_and_status_shows_its_scores(slurm_cluster: S
     status = mtf("status", str(run), check=True).stdout
     assert re.search(r"^zero-shot   step 30: xcopa \d+\.\d \(% accuracy", status, re.M), status
     assert json.loads(mtf("status", str(run), "--json", check=True).stdout)["state"] == "finished"
+
+
+def test_a_failed_training_job_cancels_its_evaluation_job(slurm_cluster: SlurmCluster, tmp_path):
+    """One training job (afterok) whose launcher fails at once (python = /bin/false): its evaluation job can
+    never run, and is cancelled rather than left pending."""
+    runs = tmp_path / "runs"
+    args = [TINY, "--executor", "slurm", "--runs-dir", str(runs)]
+    for s in ("cluster.nodes=1", "cluster.gpus_per_node=1", "cluster.partition=debug", "runtime.python=/bin/false",
+              "eval.zero_shot.job=after_training", f"cluster.master_port={free_port()}"):
+        args += ["--set", s]
+    proc = mtf(*args, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    (run,) = [p for p in (runs / "tiny-local").iterdir() if not p.name.startswith(".")]
+    (job,) = info(run)["job_ids"]
+    (ev,) = info(run)["eval_job_ids"]
+    try:
+        assert f"submitted evaluation job {ev}, after job {job} (afterok)" in proc.stdout
+        assert slurm_cluster.wait_job(job, timeout=60) == "FAILED"
+        assert slurm_cluster.wait_job(ev, timeout=60) == "CANCELLED"
+    finally:
+        slurm_cluster.cancel_unfinished([job, ev])
+    assert f"job={ev}" not in (run / "events.log").read_text() and not (run / "eval").exists()
