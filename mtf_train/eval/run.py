@@ -77,8 +77,8 @@ def _compile_templates_once() -> None:
     once each."""
     from lm_eval import utils
 
-    if getattr(utils.apply_template, "mtf_cached", False):
-        return
+    if getattr(utils.apply_template, "mtf_cached", False) or not hasattr(utils, "env"):
+        return  # patched already, or a version that renders differently: leave it as it is
     compiled = functools.lru_cache(maxsize=4096)(utils.env.from_string)
 
     def apply_template(template: str, doc: dict) -> str:
