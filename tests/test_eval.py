@@ -26,6 +26,18 @@ LEARNABLE = ("xcopa", "xstorycloze", "xwinograd")  # XNLI's English label words 
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # The module trains the tiny recipe once (the first test pays for it): allow for a busy machine.
 pytestmark = pytest.mark.timeout(2400)
+# What `mtf-train eval` shows on the terminal: where things are and the table. Progress bars and library warnings
+# go to logs/eval.log beside the results.
+SHOWN = (r"evaluating .* results in .* \(full log: .*/logs/eval\.log\)$",
+         r"step_\d+: (exported to transformers in|transformers export cached in) ", r"### Zero-shot accuracy",
+         r"Rank classification; ", r"\|", r"step_\d+: \S+/results\.json \(\d+\.\d s\)$", r"accuracy against step: ",
+         "")
+
+
+def assert_quiet(proc: subprocess.CompletedProcess) -> None:
+    assert proc.stderr == "", proc.stderr[-3000:]
+    for line in proc.stdout.splitlines():
+        assert any(re.match(p, line) if p else not line for p in SHOWN), f"unexpected line: {line!r}\n{proc.stdout}"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +50,8 @@ def run(tmp_path_factory) -> Path:
     proc = mtf("eval", str(run_dir), env=ENV, timeout=900)  # data_dir comes from the recipe
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| xcopa |" in proc.stdout and "results.json" in proc.stdout
+    assert_quiet(proc)
+    assert "exported " in (run_dir / "logs" / "eval.log").read_text()  # the export's own report, in the log
     return run_dir
 
 
@@ -142,6 +156,7 @@ def test_results_table_plot_and_status(run):
     assert results(run / "eval" / "step_60")["step"] == 60
     png = run / "eval" / "accuracy_vs_step.png"
     assert png.stat().st_size > 5000 and "accuracy against step" in proc.stdout
+    assert_quiet(proc)
     status = mtf("status", str(run), check=True).stdout
     assert re.search(r"^zero-shot   step 120: xcopa \d+\.\d \| xnli \d+\.\d \| xstorycloze \d+\.\d \| xwinograd",
                      status, re.M), status

@@ -125,15 +125,17 @@ def resolve(target: str, *, step: int | None, all_steps: bool, output: str | Non
     return Target(kind, path, out, [Model(f"step_{s}", s, None, root) for s in steps])
 
 
-def ensure_hf(model: Model, out: Path, *, verify: bool) -> Path:
-    """The transformers folder of `model`: given, cached from an earlier export, or exported now."""
+def ensure_hf(model: Model, out: Path, *, verify: bool, say=print) -> Path:
+    """The transformers folder of `model`: given, cached from an earlier export, or exported now (once: later
+    evaluations of the step find it in out/hf/step_N)."""
     if model.hf_dir is not None:
         return model.hf_dir
     cached = out / "hf" / model.label
     if (cached / "config.json").is_file() and list(cached.glob("*.safetensors")):
-        print(f"{model.label}: transformers export cached in {cached}", flush=True)
+        say(f"{model.label}: transformers export cached in {cached}")
     else:
         import os
+        import time
 
         import torch
 
@@ -141,8 +143,10 @@ def ensure_hf(model: Model, out: Path, *, verify: bool) -> Path:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on import
         from mtf_train.ckpt.hf import export_hf
 
+        t0 = time.perf_counter()
         cached.parent.mkdir(parents=True, exist_ok=True)
         export_hf(model.ckpt_root, cached, step=model.step, verify=verify)
+        say(f"{model.label}: exported to transformers in {cached} ({time.perf_counter() - t0:.1f} s)")
     _bloom_config(cached)
     model.hf_dir = cached
     return cached

@@ -3,10 +3,17 @@
 Each family has the fields of its published dataset, the languages it was published in, the split the paper's
 rank evaluation used, and several English prompts (BLOOMZ was evaluated with English prompts; the median over
 prompts is what it reported). Every prompt is an lm-eval `multiple_choice` task: the answer choices are scored
-by log-likelihood after the prompt and the most likely one is the prediction (rank classification). XCOPA,
-XStoryCloze and XWinograd prompts name the choices first and end with the text the answer continues, so that
-the answer follows its premise directly (small models attend mostly to what is near); XNLI's answers are
-English label words after the question, as in the paper's prompts.
+by log-likelihood after the prompt and the most likely one is the prediction (rank classification).
+
+The paper's prompts are promptsource's English templates of each dataset (xnli, xcopa, story_cloze/xstory_cloze,
+winogrande/xwinograd). XNLI's four are promptsource's wording ("GPT-3 style", "can we infer", "guaranteed true",
+"based on the previous passage"), English label words after the question. XCOPA's "C1 or C2? premise, so/
+because" is promptsource's too; the other XCOPA, XStoryCloze and XWinograd prompts keep promptsource's
+elements (the choices quoted or listed, "pick the more plausible", "possible endings", "a novel ends with",
+"fill in the blank") but name the choices first and end with the text the answer continues, where promptsource
+lists the options after the premise, so that the answer follows its premise directly (small models attend
+mostly to what is near). Scores are therefore close to, not equal to, the paper's. The plain continuation prompt
+("premise" -> choice, the blank's prefix -> option) is lm-eval's own formulation of these tasks.
 
 `write_task_configs` turns a selection into lm-eval task YAML files (one per task, language and prompt) whose
 dataset is a local copy (`dataset_path: json|parquet` with `data_files`) or the hub. Pure Python: no lm-eval,
@@ -66,7 +73,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         "xcopa", "XCOPA", ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh"), "validation",
         ("premise", "choice1", "choice2", "question", "label"), "{{label}}", "cambridgeltl/xcopa",
         (Prompt("continuation", "{{premise}}", _COPA),
-         Prompt("choice_or_choice", "\"{{choice1}}\" or \"{{choice2}}\"? {{premise}}", _COPA),
+         Prompt("choice_or_choice", "\"{{choice1}}\" or \"{{choice2}}\"? {{premise}} "
+                "{% if question == 'cause' %}because{% else %}so{% endif %}", _COPA),
          Prompt("pick_plausible", "Pick the more plausible {{question}}, \"{{choice1}}\" or \"{{choice2}}\":\n"
                 "{{premise}}", _COPA),
          Prompt("options_first", "Options:\n- {{choice1}}\n- {{choice2}}\nWhich option is the {{question}} of the "
@@ -74,7 +82,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(
         "xnli", "XNLI", ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh"),
         "validation", ("premise", "hypothesis", "label"), "{{label}}", "facebook/xnli",
-        (Prompt("gpt3_style", "{{premise}}\nQuestion: {{hypothesis}} True, False, or Neither?\nAnswer:",
+        (Prompt("gpt3_style", "{{premise}}\nQuestion: {{hypothesis}} True, False, or Neither?",
                 "{{['True', 'Neither', 'False']}}"),
          Prompt("can_we_infer", "Suppose {{premise}} Can we infer that \"{{hypothesis}}\"? Yes, no, or maybe?",
                 _NLI_YES),

@@ -116,6 +116,8 @@ def _submit_eval(run_dir: Path, ids: list[str], commands: list[list[str]]) -> No
     info = RunInfo(run_dir)
     kind = "afterok" if len(ids) == 1 else "afterany"
     args = [dependency(kind, ids[-1]), str(run_dir / "eval.sbatch")]
+    if kind == "afterok":  # a failed training job: cancel the evaluation rather than leave it pending forever
+        args.insert(1, "--kill-on-invalid-dep=yes")
     commands.append(["sbatch", "--parsable", *args])
     job_id, error = slurm.sbatch(args)
     if job_id is None:
