@@ -101,3 +101,27 @@ def test_a_failed_training_job_cancels_its_evaluation_job(slurm_cluster: SlurmCl
     finally:
         slurm_cluster.cancel_unfinished([job, ev])
     assert f"job={ev}" not in (run / "events.log").read_text() and not (run / "eval").exists()
+
+
+def test_cancel_takes_the_evaluation_job_with_the_training_job(slurm_cluster: SlurmCluster, tmp_path):
+    """`mtf-train cancel RUN` right after submission: the evaluation job waiting on the training job is cancelled
+    with it, not left to start on a run that never finished."""
+    runs = tmp_path / "runs"
+    args = [TINY, "--executor", "slurm", "--runs-dir", str(runs)]
+    for s in ("cluster.nodes=1", "cluster.gpus_per_node=1", "cluster.partition=debug",
+              "eval.zero_shot.job=after_training", f"cluster.master_port={free_port()}"):
+        args += ["--set", s]
+    proc = mtf(*args, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    (run,) = [p for p in (runs / "tiny-local").iterdir() if not p.name.startswith(".")]
+    (job,) = info(run)["job_ids"]
+    (ev,) = info(run)["eval_job_ids"]
+    try:
+        out = mtf("cancel", str(run), env=ENV, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"cancelled job(s) {job} {ev} of {run}" in out.stdout
+        assert slurm_cluster.wait_job(job, timeout=60) == "CANCELLED"
+        assert slurm_cluster.wait_job(ev, timeout=60) == "CANCELLED"
+    finally:
+        slurm_cluster.cancel_unfinished([job, ev])
+    assert info(run)["state"] == "cancelled" and not (run / "eval").exists()

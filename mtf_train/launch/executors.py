@@ -70,7 +70,8 @@ class SlurmExecutor(Executor):
         return any(s.active or (s.state == "UNKNOWN" and not s.source) for s in jobs)
 
     def cancel(self, run_dir, info):
-        ids = job_ids(info)
+        # The evaluation job too: it would otherwise run after a cancelled chain, only to find no finished run.
+        ids = job_ids(info) + [str(j) for j in info.get("eval_job_ids") or []]
         if not ids:
             print(f"nothing to cancel: {run_dir} has no jobs (state {info.get('state', 'unknown')})")
             return 0
