@@ -8,7 +8,7 @@ them, and when a probed name is gone. To take a new version: read each entry aga
 named in `tested_by`, then add the version here and move the bound in pyproject.toml.
 
 megatron-core 0.17 and later are published for Python >= 3.12 only: on Python 3.11 (CI) 0.16.1 is the newest.
-torch is listed for the record but not enforced: clusters bring their own CUDA build (pyproject keeps a range).
+torch and lm-eval are listed for the record but not enforced: clusters bring their own CUDA build (pyproject keeps a range).
 Stdlib only: importing this module imports none of the three.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ CHECKED = {
     "deepspeed": ("0.19.8",),
     "megatron-core": ("0.16.1",),
     "torch": ("2.13.0",),
+    "lm-eval": ("0.4.13",),
 }
 ENFORCED = ("deepspeed", "megatron-core")
 
@@ -87,6 +88,9 @@ USES = (
         ("torch._utils", "_rebuild_tensor_v2")),
     Use("torch", "torch._foreach_add_ and torch._foreach_zero_", "train/bf16.py", "one kernel per group",
         "tests/test_train_bf16.py", ("torch", "_foreach_add_")),
+    Use("lm-eval", "lm_eval.utils.apply_template and utils.env (its Jinja environment), replaced by a cached "
+        "version; skipped when either is missing", "eval/run.py", "lm-eval compiles every prompt template once "
+        "per document: half of a CPU evaluation", "tests/test_eval.py", ("lm_eval.utils", "apply_template")),
 )
 
 
