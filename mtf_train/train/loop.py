@@ -170,12 +170,12 @@ def setup(args: argparse.Namespace) -> Trainer:
                                         train_samples=cfg.train_samples,
                                         eval_samples_per_group=cfg.eval_samples_per_group,
                                         seed=args.seed, pad_id=cfg.pad_id, cache_dir=args.data_cache_dir)
+    train_feed = micro_batches(train_ds, progress.consumed_train_samples, args, state, num_workers=args.num_workers)
 
     metrics = Metrics(Path.cwd(), args.tensorboard_dir, args.tensorboard_queue_size, enabled=state.rank == 0)
     on_gpu = state.device.type == "cuda"
     peak, peak_source = mfu.resolve_peak(args.tflops_per_gpu_peak, state.device.type,
                                          torch.cuda.get_device_name(state.device) if on_gpu else None)
-    train_feed = micro_batches(train_ds, progress.consumed_train_samples, args, state, num_workers=args.num_workers)
     return Trainer(cfg, engine, state, progress, resumed, train_feed, valid_ds, metrics, peak, peak_source)
 
 
