@@ -16,7 +16,7 @@ What one `engine.train_batch(data_iter)` does for us (DeepSpeed's PipelineEngine
   - all-reduces the tied embedding's gradient between the first and the last stage, then every gradient over DP;
   - steps the optimizer: unscales fp16 gradients and skips the step on overflow (dynamic loss scale), clips the
     global gradient norm to `gradient_clipping`, steps AdamW on this rank's ZeRO-1 shard of the fp32 master
-    weights and gathers the updated weights back into the model;
+    weights (all of them at ZeRO-0) and all-gathers the updated shards into the model's weights;
   - steps an lr scheduler only if it was given one: the loop sets the learning rate itself before each step;
   - returns the mean loss of the micro batches, averaged over DP, on every stage.
 """
