@@ -77,15 +77,12 @@ def timed_steps(step, device, warmup: int, steps: int) -> tuple[float, float]:
 
 
 def run_ours(a, s: dict, micro: int) -> dict:
-    import torch
-
     from mtf_train.recipe.load import load_recipe
     from mtf_train.recipe.validate import validate
     from mtf_train.render.ds_config import ds_config
+    from mtf_train.train.engine import EngineConfig, OptimizerConfig, build_engine
     from mtf_train.train.feed import to_pipe_batch
-    from mtf_train.train.loop import make_optimizer
-    from mtf_train.train.model import BloomModelConfig, build_model
-    from mtf_train.train.parallel import init_parallel, seed_everything
+    from mtf_train.train.model import BloomModelConfig
     from xp3_like import packed_batch
 
     sets = ["parallel.pp=1", "parallel.tp=1", "cluster.nodes=1", "cluster.gpus_per_node=1", f"batch.micro={micro}",
@@ -94,23 +91,14 @@ def run_ours(a, s: dict, micro: int) -> dict:
     if a.device == "cpu":
         sets.append("cluster.accelerator=cpu")
     r = load_recipe(ROOT / "recipes" / s["recipe"], sets)
-    cfg = ds_config(r, validate(r))
-    state = init_parallel(tp=1, pp=1)
-    seed_everything(1234, state)
-    m = r.model
+    m, o = r.model, r.optimizer
     config = BloomModelConfig(num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_attention_heads,
                               padded_vocab_size=s["vocab"], init_std=m.init_method_std,
                               recompute=a.recompute, compile=a.device == "cuda")
-    model = build_model(config, state, pipeline=True, norm_target_loss=True)
-    opt_args = argparse.Namespace(lr=1e-5, weight_decay=r.optimizer.weight_decay, adam_beta1=r.optimizer.beta1,
-                                  adam_beta2=r.optimizer.beta2, adam_eps=r.optimizer.eps)
-    optimizer = make_optimizer(model, opt_args, state.device.type == "cuda")
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, dist_init_required=False)
-    from mtf_train.train.bf16 import fuse_hp_grad_accumulation
-
-    fuse_hp_grad_accumulation(engine.optimizer)  # as the trainer does for bf16
+    # As the trainer builds it, bf16's fused gradient accumulation included.
+    engine, state = build_engine(EngineConfig(
+        tp=1, pp=1, seed=1234, model=config, ds_config=ds_config(r, validate(r)),
+        optimizer=OptimizerConfig(lr=1e-5, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps)))
     batches = [to_pipe_batch(packed_batch(micro, s["seq"], s["vocab"], seed=i), state.device) for i in range(4)]
     targets = sum(int(b[1][1].sum()) for b in batches) / sum(b[1][1].numel() for b in batches)
 

@@ -1,6 +1,6 @@
 """`python -m mtf_train.ckpt.worker SPEC.json` under torch.distributed.run: the real model at one shape.
 
-Builds BLOOM exactly as the trainer does (megatron-core TP layers in DeepSpeed's PipelineModule, the
+Builds BLOOM with the trainer's own `build_engine` (megatron-core TP layers in DeepSpeed's PipelineModule, the
 trainer's optimizer grouping, a DeepSpeed engine), then, by `spec["mode"]`:
 - `probe`:  load an ordinary checkpoint (or a universal one with `universal`) and measure;
 - `resave`: load, save an ordinary checkpoint at this shape into `save` (client state from `client`),
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 
@@ -53,41 +52,36 @@ def main(spec_path: str) -> int:
 
     from mtf_train.ckpt.verify import fixed_batch
     from mtf_train.train import checkpoint as trainer_ckpt
+    from mtf_train.train.engine import EngineConfig, OptimizerConfig, build_engine
     from mtf_train.train.feed import to_pipe_batch
-    from mtf_train.train.loop import make_optimizer
-    from mtf_train.train.model import BloomModelConfig, build_model, gather_logits
-    from mtf_train.train.parallel import init_parallel, seed_everything
+    from mtf_train.train.model import BloomModelConfig, gather_logits
 
     spec = json.loads(Path(spec_path).read_text())
-    state = init_parallel(spec["tp"], spec["pp"], backend=spec.get("backend"))
-    seed_everything(spec.get("seed", 1234), state)
-    on_gpu = state.device.type == "cuda"
-    m = spec["model"]
+    m, o, rows = spec["model"], spec["optimizer"], spec["batch"]["rows"]
+    seed = spec.get("seed", 1234)
     config = BloomModelConfig(
         num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_heads=m["num_heads"],
         padded_vocab_size=m["padded_vocab_size"], original_vocab_size=m.get("original_vocab_size"),
         layernorm_epsilon=m.get("layernorm_epsilon", 1e-5), init_std=m.get("init_std", 0.02),
-        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, attention="auto",
-        init_seed=spec.get("seed", 1234))
-    model = build_model(config, state, pipeline=True, norm_target_loss=spec.get("norm_target_loss", False),
-                        partition_method=spec.get("partition_method", "type:transformer|embedding"))
-    if spec["mode"] == "import":
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, attention="auto", init_seed=seed)
+    # The saved DeepSpeed config (ZeRO stage, precision), with a batch of the fixed rows, one per micro batch.
+    ds_config = dict(spec["ds_config"])
+    ds_config.update(train_micro_batch_size_per_gpu=1, train_batch_size=rows, steps_per_print=10**9,
+                     wall_clock_breakdown=False)
+    ds_config.pop("gradient_accumulation_steps", None)
+    engine_config = EngineConfig(
+        tp=spec["tp"], pp=spec["pp"], seed=seed, model=config,
+        optimizer=OptimizerConfig(lr=o["lr"], weight_decay=o["weight_decay"], beta1=o["beta1"], beta2=o["beta2"],
+                                  eps=o["eps"]),
+        ds_config=ds_config, norm_target_loss=spec.get("norm_target_loss", False),
+        partition_method=spec.get("partition_method", "type:transformer|embedding"),
+        universal=bool(spec.get("universal")), backend=spec.get("backend"))
+
+    def hf_weights(model, state):
         load_hf_weights(model, spec["hf_dir"], config.num_layers, config.padded_vocab_size, state.tp, state.tp_rank)
 
-    import deepspeed
-
-    o = spec["optimizer"]
-    optimizer = make_optimizer(model, Namespace(lr=o["lr"], weight_decay=o["weight_decay"], adam_beta1=o["beta1"],
-                                                adam_beta2=o["beta2"], adam_eps=o["eps"]), on_gpu)
-    rows = spec["batch"]["rows"]
-    cfg = dict(spec["ds_config"])
-    cfg.update(train_micro_batch_size_per_gpu=1, train_batch_size=rows, steps_per_print=10**9,
-               wall_clock_breakdown=False)
-    cfg.pop("gradient_accumulation_steps", None)
-    if spec.get("universal"):
-        cfg.setdefault("checkpoint", {})["load_universal"] = True
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
-                                                   dist_init_required=False)
+    engine, state = build_engine(engine_config, fill_weights=hf_weights if spec["mode"] == "import" else None)
+    optimizer = engine.optimizer
 
     from mtf_train.ckpt.safe import guard_torch_load
     from mtf_train.ckpt.safe import load as safe_load
@@ -111,11 +105,7 @@ def main(spec_path: str) -> int:
         saved = dict(saved)
         saved["rng_state"] = trainer_ckpt.rng_state()
         tag = spec.get("save_tag", spec["tag"])
-        engine.save_checkpoint(spec["save"], tag=tag, client_state=saved, save_latest=False)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            trainer_ckpt.write_latest(spec["save"], tag)
-        dist.barrier()
+        trainer_ckpt.save_step(engine, spec["save"], tag, saved)
         client = load(spec["save"], tag)
 
     # --- measure on the fixed batch ---

@@ -75,9 +75,7 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
     a += ["--hidden-dropout", _num(m.hidden_dropout), "--attention-dropout", _num(m.attention_dropout),
           "--layernorm-epsilon", _num(m.layernorm_epsilon)]
     a += ["--optimizer", o.name, "--adam-beta1", _num(o.beta1), "--adam-beta2", _num(o.beta2),
-          "--adam-eps", _num(o.eps), "--lr", _num(o.lr)]
-    if o.min_lr:
-        a += ["--min-lr", _num(o.min_lr)]
+          "--adam-eps", _num(o.eps), "--lr", _num(o.lr), "--min-lr", _num(o.min_lr)]
     a += ["--lr-decay-style", o.schedule, "--lr-warmup-samples", str(o.warmup_samples)]
     if o.decay_samples is not None:
         a += ["--lr-decay-samples", str(o.decay_samples)]

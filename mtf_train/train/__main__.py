@@ -1,6 +1,22 @@
 """`python -m mtf_train.train ARGS`: the built-in trainer (run it under torch.distributed.run)."""
+from __future__ import annotations
+
 import sys
 
-from mtf_train.train.loop import main
+from mtf_train.errors import UserError
+from mtf_train.train.args import parse_args
 
-sys.exit(main())
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)  # before torch, DeepSpeed and megatron are imported: a bad command fails at once
+        from mtf_train.train.loop import run
+
+        return run(args)
+    except UserError as err:
+        print(f"mtf_train.train: error: {err.line()}", file=sys.stderr, flush=True)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

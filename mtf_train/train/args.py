@@ -2,6 +2,22 @@
 
 Unknown or contradictory arguments are refused with one line. Importing this module imports no torch, so
 rendered jobs can be checked against it before they are submitted.
+
+Defaults are Megatron-DeepSpeed's, so that a finetune_t0 command line means the same here as there. A recipe
+never relies on them: the rendered command passes every recipe value explicitly. Where they differ from the
+recipe schema's defaults (both checked by tests/test_train_args.py):
+
+    argument                    default here (Megatron)   recipe schema default
+    --adam-beta2                0.999                     optimizer.beta2 0.95
+    --weight-decay              0.01                      optimizer.weight_decay 1e-4
+    --seed                      1234                      training.seed 42
+    --lr-decay-style            linear                    optimizer.schedule constant
+    --init-method-std           0.02                      model.init_method_std 0.0048
+    --log-interval              100                       logging.log_interval 1
+    --eval-interval             1000                      eval.interval 125
+    --eval-iters                100                       eval.iters 10
+    --tensorboard-queue-size    1000                      logging.tensorboard_queue_size 5
+    --embed-layernorm, --sync-tp-duplicated-parameters, --norm-target-loss: off here, on in the schema
 """
 from __future__ import annotations
 

@@ -75,16 +75,23 @@ def write_latest(folder: str | os.PathLike, tag: str) -> None:
 
 
 def save(engine, folder: str, progress: Progress, args, extra: dict) -> str:
+    """The trainer's checkpoint of step `progress.iteration`: its client state holds the progress, every
+    generator's state and the command line. Returns the tag."""
     tag = f"global_step{progress.iteration}"
     client = {"iteration": progress.iteration, "consumed_train_samples": progress.consumed_train_samples,
               "consumed_valid_samples": dict(progress.consumed_valid_samples), "rng_state": rng_state(),
               "args": vars(args), **extra}
+    save_step(engine, folder, tag, client)
+    return tag
+
+
+def save_step(engine, folder: str, tag: str, client: dict) -> None:
+    """Every rank writes its files of `folder/tag`; rank 0 moves `latest` only once all of them have."""
     engine.save_checkpoint(folder, tag=tag, client_state=client, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
         write_latest(folder, tag)
     dist.barrier()
-    return tag
 
 
 def load(engine, args, *, universal: bool, load_optimizer: bool, restore_rng: bool) -> tuple[Progress, str] | None:

@@ -1,29 +1,95 @@
 """The MTF training loop: finetune_t0 on megatron-core layers and DeepSpeed's pipeline engine.
 
-Setup (parallel groups, tokenizer, model, optimizer, DeepSpeed engine, checkpoint), then steps until the
-training length, an exit condition or a signal; every exit saves first. Every shape (TP, PP, DP) runs the
-same code: the model is always a DeepSpeed PipelineModule (one stage at PP=1), which is also what gives the
-bigscience checkpoint layout.
+Read top to bottom: the command line resolves to a `TrainConfig`; `run` sets up (engine, checkpoint, data,
+logs), then calls `train_step` until the training length, an exit condition or a signal, with `evaluate`
+and `save` at their intervals; every exit saves first. Every shape (TP, PP, DP) runs the same code: the
+model is always a DeepSpeed PipelineModule (one stage at PP=1), which is also what gives the bigscience
+checkpoint layout. How the engine is built, where each kind of parallelism is applied and what DeepSpeed's
+`train_batch` does for us: engine.py.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import os
 import signal
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from mtf_train.data.packed import build_datasets
+from mtf_train.data.pathfile import read_path_file
+from mtf_train.data.tokenizer import load_tokenizer
 from mtf_train.rules import BatchSchedule, eval_samples_per_group, flops_per_token, padded_vocab
 from mtf_train.train import checkpoint as ckpt
 from mtf_train.train import mfu
+from mtf_train.train.engine import EngineConfig, OptimizerConfig, build_engine, read_ds_config
 from mtf_train.train.feed import Feed
 from mtf_train.train.metrics import Metrics
+from mtf_train.train.model import BloomModelConfig
+from mtf_train.train.parallel import ParallelState
 from mtf_train.train.schedule import LRSchedule
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the command line resolves to, with the tokenizer: the engine to build and the run's numbers.
+    `args` stays as given: every checkpoint keeps it (client state `args`)."""
+
+    args: argparse.Namespace
+    engine: EngineConfig
+    vocab_size: int  # the tokenizer's; the embedding has `padded_vocab` rows
+    padded_vocab: int
+    pad_id: int
+    batches: BatchSchedule  # global batch size at a number of consumed samples (ramp-up)
+    lr_at: LRSchedule  # learning rate at a number of consumed samples
+    train_iters: int
+    train_samples: int
+    eval_samples_per_group: int  # validation samples built per group, enough for every evaluation
+    flops_model: float  # per token, without recomputation (MFU)
+    flops_hw: float  # per token, as executed
+
+
+def configure(args: argparse.Namespace, tok) -> TrainConfig:
+    on_gpu = torch.cuda.is_available()
+    padded = padded_vocab(tok.vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by,
+                          args.pad_vocab_size_to)
+    if padded < tok.vocab_size:
+        raise ValueError(f"--pad-vocab-size-to {padded} is smaller than the tokenizer ({tok.vocab_size})")
+    model = BloomModelConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_heads=args.num_attention_heads,
+        padded_vocab_size=padded, original_vocab_size=tok.vocab_size, layernorm_epsilon=args.layernorm_epsilon,
+        init_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        params_dtype=torch.float32,  # DeepSpeed casts the module for fp16/bf16 and keeps fp32 master weights
+        recompute=args.recompute, attention=args.attention_impl, init_seed=args.seed,
+        # Compiling a block costs tens of seconds of CPU per shape, more than a CPU run gains: GPUs only by default.
+        compile=on_gpu if args.compile is None else args.compile)
+    engine = EngineConfig(
+        tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, seed=args.seed, model=model,
+        optimizer=OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
+                                  beta2=args.adam_beta2, eps=args.adam_eps),
+        ds_config=read_ds_config(args.deepspeed_config), norm_target_loss=args.norm_target_loss,
+        partition_method=args.pp_partition_method, universal=args.universal_checkpoint,
+        backend=args.distributed_backend)
+
+    batches = BatchSchedule(args.global_batch_size, tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
+    train_iters, train_samples = batches.length(args.train_iters, args.train_samples)
+    lr_at = LRSchedule(args.lr, args.min_lr, args.lr_decay_style, args.lr_warmup_samples,
+                       args.lr_decay_samples or train_samples)
+    eval_samples = eval_samples_per_group(train_iters, args.eval_interval, args.eval_iters, args.global_batch_size)
+
+    fpt_model = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded, recompute=False)
+    fpt_hw = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded,
+                             recompute=args.recompute,
+                             flex=args.attention_impl == "flex" or (args.attention_impl == "auto" and on_gpu
+                                                                     and args.attention_dropout == 0))
+    return TrainConfig(args, engine, vocab_size=tok.vocab_size, padded_vocab=padded, pad_id=tok.pad_id,
+                       batches=batches, lr_at=lr_at, train_iters=train_iters, train_samples=train_samples,
+                       eval_samples_per_group=eval_samples, flops_model=fpt_model, flops_hw=fpt_hw)
 
 
 class ExitFlags:
@@ -57,203 +123,197 @@ class ExitFlags:
                 4: "exit interval"}[int(flag.item())]
 
 
-def make_optimizer(model: torch.nn.Module, args, on_gpu: bool) -> torch.optim.Optimizer:
-    # No weight decay on biases and layer norms (Megatron's grouping): the 1-D parameters.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim == 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                             fused=on_gpu)
+@dataclass
+class Trainer:
+    """The live parts of a run, made by `setup`."""
+
+    cfg: TrainConfig
+    engine: object  # DeepSpeed's PipelineEngine
+    state: ParallelState
+    progress: ckpt.Progress
+    resumed: bool  # `progress` is a checkpoint's (its step needs no new save)
+    train_feed: Feed
+    valid: dict  # validation group name -> dataset
+    metrics: Metrics
+    peak_tflops: float | None  # per GPU, for MFU
+    peak_source: str | None
 
 
-def ds_config(args) -> dict:
-    with open(args.deepspeed_config) as fh:
-        cfg = json.load(fh)
-    if args.universal_checkpoint:
-        cfg.setdefault("checkpoint", {})["load_universal"] = True
-    return cfg
+def run(args: argparse.Namespace) -> int:
+    exits = ExitFlags(args, time.time())
+    t = setup(args)
+    announce(t)
+    exit_reason = train(t, exits)
+    finish(t, exit_reason)
+    return 0
 
 
-def run(args) -> int:
-    start = time.time()
-    from mtf_train.data.packed import build_datasets
-    from mtf_train.data.pathfile import read_path_file
-    from mtf_train.data.tokenizer import load_tokenizer
-    from mtf_train.train.model import BloomModelConfig, build_model
-    from mtf_train.train.parallel import init_parallel, seed_everything
-
-    state = init_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                          backend=args.distributed_backend)
-    seed_everything(args.seed, state)
-    rank0 = dist.get_rank() == 0
-    on_gpu = state.device.type == "cuda"
-    exits = ExitFlags(args, start)
-
+def setup(args: argparse.Namespace) -> Trainer:
     _, tok = load_tokenizer(args.tokenizer_name_or_path)
-    padded = padded_vocab(tok.vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by,
-                          args.pad_vocab_size_to)
-    if padded < tok.vocab_size:
-        raise ValueError(f"--pad-vocab-size-to {padded} is smaller than the tokenizer ({tok.vocab_size})")
-    dtype = torch.float32  # DeepSpeed casts the module for fp16/bf16 and keeps fp32 master weights
-    config = BloomModelConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_heads=args.num_attention_heads,
-        padded_vocab_size=padded, original_vocab_size=tok.vocab_size, layernorm_epsilon=args.layernorm_epsilon,
-        init_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, params_dtype=dtype,
-        recompute=args.recompute, attention=args.attention_impl, init_seed=args.seed,
-        # Compiling a block costs tens of seconds of CPU per shape, more than a CPU run gains: GPUs only by default.
-        compile=on_gpu if args.compile is None else args.compile)
-    model = build_model(config, state, pipeline=True, norm_target_loss=args.norm_target_loss,
-                        partition_method=args.pp_partition_method)
-
-    import deepspeed
-    optimizer = make_optimizer(model, args, on_gpu)
-    cfg = ds_config(args)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
-                                                   dist_init_required=False)
-    if args.bf16:
-        from mtf_train.train.bf16 import fuse_hp_grad_accumulation
-        fuse_hp_grad_accumulation(engine.optimizer)  # no per-parameter Python call per micro batch
-
-    batches = BatchSchedule(args.global_batch_size, tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
-    train_iters, train_samples = batches.length(args.train_iters, args.train_samples)
-    lr_at = LRSchedule(args.lr, args.min_lr, args.lr_decay_style, args.lr_warmup_samples,
-                       args.lr_decay_samples or train_samples)
-
-    progress = ckpt.Progress()
-    loaded = ckpt.load(engine, args, universal=args.universal_checkpoint, load_optimizer=not args.no_load_optim,
-                       restore_rng=not (args.universal_checkpoint or args.no_load_rng or args.reset_progress))
-    if loaded is not None:
-        loaded_progress, where = loaded
-        if not args.reset_progress:
-            progress = loaded_progress
-        if rank0:
-            print(f"loaded {where} (iteration {loaded_progress.iteration}"
-                  f"{', progress reset' if args.reset_progress else ''}"
-                  f"{', optimizer states not loaded' if args.no_load_optim else ''})", flush=True)
+    cfg = configure(args, tok)
+    engine, state = build_engine(cfg.engine)
+    progress, resumed = load_checkpoint(engine, args)
 
     # Data: the training blend and one validation blend per group, sized like Megatron's.
     train_groups = read_path_file(args.train_weighted_split_paths_path)
     valid_groups = read_path_file(args.valid_weighted_split_paths_path) if args.valid_weighted_split_paths_path else []
-    eval_samples = eval_samples_per_group(train_iters, args.eval_interval, args.eval_iters, args.global_batch_size)
     train_ds, valid_ds = build_datasets(train_groups, valid_groups, seq_length=args.seq_length,
-                                        train_samples=train_samples, eval_samples_per_group=eval_samples,
-                                        seed=args.seed, pad_id=tok.pad_id, cache_dir=args.data_cache_dir)
-    feed_kw = dict(micro=args.micro_batch_size, dp=state.dp, dp_rank=state.dp_rank, device=state.device)
-    train_feed = Feed(train_ds, start=progress.consumed_train_samples, num_workers=args.num_workers, **feed_kw)
+                                        train_samples=cfg.train_samples,
+                                        eval_samples_per_group=cfg.eval_samples_per_group,
+                                        seed=args.seed, pad_id=cfg.pad_id, cache_dir=args.data_cache_dir)
+    train_feed = micro_batches(train_ds, progress.consumed_train_samples, args, state, num_workers=args.num_workers)
 
-    run_dir = Path.cwd()
-    metrics = Metrics(run_dir, args.tensorboard_dir, args.tensorboard_queue_size, enabled=rank0)
-    fpt_model = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded, recompute=False)
-    fpt_hw = flops_per_token(args.num_layers, args.hidden_size, args.seq_length, padded,
-                             recompute=args.recompute,
-                             flex=args.attention_impl == "flex" or (args.attention_impl == "auto" and on_gpu
-                                                                     and args.attention_dropout == 0))
-    world = dist.get_world_size()
+    metrics = Metrics(Path.cwd(), args.tensorboard_dir, args.tensorboard_queue_size, enabled=state.rank == 0)
+    on_gpu = state.device.type == "cuda"
     peak, peak_source = mfu.resolve_peak(args.tflops_per_gpu_peak, state.device.type,
                                          torch.cuda.get_device_name(state.device) if on_gpu else None)
-    metrics.print(f"training {train_iters} steps ({train_samples} samples) from step {progress.iteration}: "
-                  f"world {world} = pp {state.pp} x tp {state.tp} x dp {state.dp}, padded vocab {padded}")
-    for line in mfu.describe(args.num_layers, args.hidden_size, args.seq_length, padded,
-                             args.recompute, fpt_model, fpt_hw, peak, peak_source):
-        metrics.print(line)
+    return Trainer(cfg, engine, state, progress, resumed, train_feed, valid_ds, metrics, peak, peak_source)
 
-    def evaluate() -> None:
-        engine.eval()
-        for name, ds in valid_ds.items():
-            start_at = progress.consumed_valid_samples.get(name, 0)
-            feed = Feed(ds, start=start_at, **feed_kw)
-            losses = []
-            for _ in range(args.eval_iters):
-                losses.append(float(engine.eval_batch(feed)))
-            progress.consumed_valid_samples[name] = start_at + args.eval_iters * args.global_batch_size
-            loss = sum(losses) / max(1, len(losses))
-            ppl = math.exp(min(loss, 20.0))
-            metrics.log({"kind": "eval", "group": name, "iteration": progress.iteration, "loss": loss, "ppl": ppl})
-            metrics.print(f"validation {name} | step {progress.iteration} | loss {loss:.4f} | ppl {ppl:.2f}")
-        engine.train()
 
-    def save() -> str:
-        tag = ckpt.save(engine, args.save, progress, args,
-                        {"padded_vocab_size": padded, "original_vocab_size": tok.vocab_size})
-        metrics.print(f"saved checkpoint {args.save}/{tag}")
-        return tag
+def micro_batches(dataset, start: int, args, state: ParallelState, num_workers: int = 0) -> Feed:
+    """This DP rank's micro batches of `dataset` from global sample `start` on."""
+    return Feed(dataset, start=start, micro=args.micro_batch_size, dp=state.dp, dp_rank=state.dp_rank,
+                device=state.device, num_workers=num_workers)
 
-    last_saved = progress.iteration if loaded is not None and not args.reset_progress else None
-    window_t, window_tokens = time.time(), 0
+
+def load_checkpoint(engine, args: argparse.Namespace) -> tuple[ckpt.Progress, bool]:
+    """Progress from `--load`'s checkpoint (fresh without one or with --reset-progress); True when resumed."""
+    loaded = ckpt.load(engine, args, universal=args.universal_checkpoint, load_optimizer=not args.no_load_optim,
+                       restore_rng=not (args.universal_checkpoint or args.no_load_rng or args.reset_progress))
+    if loaded is None:
+        return ckpt.Progress(), False
+    progress, where = loaded
+    if dist.get_rank() == 0:
+        print(f"loaded {where} (iteration {progress.iteration}"
+              f"{', progress reset' if args.reset_progress else ''}"
+              f"{', optimizer states not loaded' if args.no_load_optim else ''})", flush=True)
+    if args.reset_progress:
+        return ckpt.Progress(), False
+    return progress, True
+
+
+def announce(t: Trainer) -> None:
+    cfg, args, s = t.cfg, t.cfg.args, t.state
+    t.metrics.print(f"training {cfg.train_iters} steps ({cfg.train_samples} samples) from step "
+                    f"{t.progress.iteration}: world {s.world_size} = pp {s.pp} x tp {s.tp} x dp {s.dp}, "
+                    f"padded vocab {cfg.padded_vocab}")
+    for line in mfu.describe(args.num_layers, args.hidden_size, args.seq_length, cfg.padded_vocab,
+                             args.recompute, cfg.flops_model, cfg.flops_hw, t.peak_tflops, t.peak_source):
+        t.metrics.print(line)
+
+
+def train(t: Trainer, exits: ExitFlags) -> str | None:
+    """Steps until the training length or an exit condition; returns the exit's reason (None: finished)."""
+    cfg, args, progress = t.cfg, t.cfg.args, t.progress
+    last_saved = progress.iteration if t.resumed else None
+    window = Window()
     exit_reason = None
     stepped = False
-    engine.train()
-    while progress.iteration < train_iters:
-        exit_reason = exits.reason(progress.iteration, state.device, stepped)
+    t.engine.train()
+    while progress.iteration < cfg.train_iters:
+        exit_reason = exits.reason(progress.iteration, t.state.device, stepped)
         if exit_reason:
             break
         stepped = True
-        gbs = batches(progress.consumed_train_samples)
-        if gbs != engine.train_batch_size():
-            engine.set_train_batch_size(gbs)
-        lr = lr_at(progress.consumed_train_samples)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = float(engine.train_batch(data_iter=train_feed))
+        batch_size = cfg.batches(progress.consumed_train_samples)
+        lr = cfg.lr_at(progress.consumed_train_samples)
+        loss = train_step(t.engine, t.train_feed, batch_size, lr)
         progress.iteration += 1
-        progress.consumed_train_samples += gbs
-        window_tokens += gbs * args.seq_length
+        progress.consumed_train_samples += batch_size
+        window.tokens += batch_size * args.seq_length
 
-        if progress.iteration % args.log_interval == 0 or progress.iteration == train_iters:
-            elapsed = max(time.time() - window_t, 1e-9)
-            tps = window_tokens / elapsed
-            grad_norm = engine.get_global_grad_norm()
-            scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", 1.0)
-            model_tflops = fpt_model * tps / world / 1e12
-            rec = {"kind": "train", "iteration": progress.iteration, "consumed_samples": progress.consumed_train_samples,
-                   "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "loss_scale": float(scale), "batch_size": gbs, "tokens_per_s": tps,
-                   "model_tflops_per_gpu": model_tflops, "hw_tflops_per_gpu": fpt_hw * tps / world / 1e12,
-                   "step_seconds": elapsed / args.log_interval}
-            if peak:
-                rec["mfu"] = mfu.mfu(model_tflops, peak)
-            metrics.log(rec)
-            metrics.print(
-                f"step {progress.iteration}/{train_iters} | samples {progress.consumed_train_samples} | loss "
-                f"{loss:.4f} | lr {lr:.3e} | grad norm {rec['grad_norm'] or 0:.3f} | loss scale {scale:g} | "
-                f"{tps:,.0f} tokens/s | {model_tflops:.3g} model / {rec['hw_tflops_per_gpu']:.3g} hw TFLOP/s per GPU"
-                + (f" | MFU {rec['mfu']:.1%}" if peak else ""))
-            window_t, window_tokens = time.time(), 0
-
-        if valid_ds and args.eval_interval and progress.iteration % args.eval_interval == 0 and args.eval_iters:
-            evaluate()
+        if progress.iteration % args.log_interval == 0 or progress.iteration == cfg.train_iters:
+            log_step(t, loss, lr, batch_size, window)
+            window = Window()
+        if t.valid and args.eval_interval and progress.iteration % args.eval_interval == 0 and args.eval_iters:
+            evaluate(t)
         if args.save and args.save_interval and progress.iteration % args.save_interval == 0:
-            save()
+            save(t)
             last_saved = progress.iteration
 
     if args.save and last_saved != progress.iteration:
-        save()
+        save(t)
+    return exit_reason
+
+
+def train_step(engine, feed: Feed, batch_size: int, lr: float) -> float:
+    """One optimizer step over `batch_size` samples at learning rate `lr`; returns the mean loss. What
+    `train_batch` does (accumulation, 1F1B, reductions, clipping, ZeRO step): engine.py."""
+    if batch_size != engine.train_batch_size():
+        engine.set_train_batch_size(batch_size)  # batch ramp-up: more micro batches per step
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    return float(engine.train_batch(data_iter=feed))
+
+
+def evaluate(t: Trainer) -> None:
+    """`eval_iters` batches of each validation group, continuing where the last evaluation stopped."""
+    args, progress = t.cfg.args, t.progress
+    t.engine.eval()
+    for name, ds in t.valid.items():
+        start_at = progress.consumed_valid_samples.get(name, 0)
+        feed = micro_batches(ds, start_at, args, t.state)
+        losses = []
+        for _ in range(args.eval_iters):
+            losses.append(float(t.engine.eval_batch(feed)))
+        progress.consumed_valid_samples[name] = start_at + args.eval_iters * args.global_batch_size
+        loss = sum(losses) / max(1, len(losses))
+        ppl = math.exp(min(loss, 20.0))
+        t.metrics.log({"kind": "eval", "group": name, "iteration": progress.iteration, "loss": loss, "ppl": ppl})
+        t.metrics.print(f"validation {name} | step {progress.iteration} | loss {loss:.4f} | ppl {ppl:.2f}")
+    t.engine.train()
+
+
+def save(t: Trainer) -> None:
+    folder = t.cfg.args.save
+    tag = ckpt.save(t.engine, folder, t.progress, t.cfg.args,
+                    {"padded_vocab_size": t.cfg.padded_vocab, "original_vocab_size": t.cfg.vocab_size})
+    t.metrics.print(f"saved checkpoint {folder}/{tag}")
+
+
+class Window:
+    """Tokens trained since the last log line, and since when."""
+
+    def __init__(self):
+        self.start, self.tokens = time.time(), 0
+
+
+def log_step(t: Trainer, loss: float, lr: float, batch_size: int, window: Window) -> None:
+    cfg, progress, world = t.cfg, t.progress, t.state.world_size
+    interval = cfg.args.log_interval
+    elapsed = max(time.time() - window.start, 1e-9)
+    tps = window.tokens / elapsed
+    grad_norm = t.engine.get_global_grad_norm()
+    opt = t.engine.optimizer
+    scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", 1.0)
+    model_tflops = cfg.flops_model * tps / world / 1e12
+    rec = {"kind": "train", "iteration": progress.iteration, "consumed_samples": progress.consumed_train_samples,
+           "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+           "loss_scale": float(scale), "batch_size": batch_size, "tokens_per_s": tps,
+           "model_tflops_per_gpu": model_tflops, "hw_tflops_per_gpu": cfg.flops_hw * tps / world / 1e12,
+           "step_seconds": elapsed / interval}
+    if t.peak_tflops:
+        rec["mfu"] = mfu.mfu(model_tflops, t.peak_tflops)
+    t.metrics.log(rec)
+    t.metrics.print(
+        f"step {progress.iteration}/{cfg.train_iters} | samples {progress.consumed_train_samples} | loss "
+        f"{loss:.4f} | lr {lr:.3e} | grad norm {rec['grad_norm'] or 0:.3f} | loss scale {scale:g} | "
+        f"{tps:,.0f} tokens/s | {model_tflops:.3g} model / {rec['hw_tflops_per_gpu']:.3g} hw TFLOP/s per GPU"
+        + (f" | MFU {rec['mfu']:.1%}" if t.peak_tflops else ""))
+
+
+def finish(t: Trainer, exit_reason: str | None) -> None:
+    args, metrics, progress = t.cfg.args, t.metrics, t.progress
     png = metrics.close()
     if exit_reason:
         # The job script runs the trainer in its run folder; `mtf-train resume` starts that folder's job again.
+        run_dir = metrics.run_dir
         how = f"mtf-train resume {run_dir}" if (run_dir / "run.json").exists() else "the same command"
         metrics.print(f"exiting at step {progress.iteration} ({exit_reason}) after saving; resume with: {how}")
     else:
         metrics.print(f"training finished at step {progress.iteration}")
-    if rank0:
+    if t.state.rank == 0:
         where = [f"checkpoint: {args.save}" if args.save else None, f"metrics: {metrics.path}",
                  f"loss curve: {png}" if png else None]
         print("\n".join(w for w in where if w), flush=True)
     dist.barrier()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mtf_train.errors import UserError
-    from mtf_train.train.args import parse_args
-
-    try:
-        args = parse_args(argv)
-        return run(args)
-    except UserError as err:
-        print(f"mtf_train.train: error: {err.line()}", file=sys.stderr, flush=True)
-        return err.exit_code

@@ -1,6 +1,7 @@
 """Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism, and DeepSpeed's view of them.
 
-One call, `init_parallel(tp, pp)`, sets up everything in this order:
+One call, `init_parallel(tp, pp)` (made by `engine.build_engine`, the one place where every kind of
+parallelism is applied), sets up everything in this order:
   torch.distributed (gloo on CPU, nccl on GPU; env:// under torchrun, else a 1-process group)
   -> DeepSpeed's comm layer on top of it -> megatron-core `parallel_state` (the TP groups the model's layers use).
 
