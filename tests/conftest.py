@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import SHARED_TRAINED, shape_run, tiny_default_run  # noqa: F401  (session-scoped fixtures)
+from tests.fixtures import SHARED_TRAINED, _shared, shape_run, tiny_default_run  # noqa: F401  (session fixtures)
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session-scoped fixture)
 
 TIERS = ("unit", "e2e", "cluster")
