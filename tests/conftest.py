@@ -21,7 +21,8 @@ import pytest
 # One thread per process, for the suite and everything it starts (CLI, trainer ranks, checkpoint tools, lm-eval),
 # as torchrun already gives each rank of a multi-process job: the models here are tiny, and two threads per
 # process on a 2-core machine shared with other processes spin-wait (the transformers reference of test_eval
-# took 67 s of CPU with 2 threads, 6 s with 1). Set before torch is first imported; a user's setting wins.
+# took 67 s of CPU with 2 threads, 6 s with 1, at load ~10). Set before torch is first imported; a user's
+# setting wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.fixtures import SHARED_TRAINED, _shared, shape_run, tiny_default_run  # noqa: F401  (session fixtures)
