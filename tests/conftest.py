@@ -1,2 +1,82 @@
-"""Shared fixtures: `slurm_cluster`, a real local SLURM cluster for the whole session (tests/slurm_cluster.py)."""
+"""Shared fixtures and test tiers.
+
+Fixtures: `slurm_cluster`, a real local SLURM cluster for the whole session (tests/slurm_cluster.py); trained
+tiny checkpoints shared by every module that needs the same training run (tests/fixtures.py).
+
+Tiers (markers registered in pyproject.toml; tests/test_tiers.py checks that every test has exactly one):
+- `cluster`: uses the `slurm_cluster` fixture;
+- `e2e`: starts the real trainer (torchrun + DeepSpeed, `mtf-train run`, a job script) or uses a trained
+  checkpoint fixture; listed below by module (or by test, where a module mixes tiers);
+- `unit`: everything else: in-process checks and short CLI calls (`pytest -m unit` runs in under 2 minutes).
+A marker written on the test itself (or a module's `pytestmark`) wins over these rules.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# One thread per process, for the suite and everything it starts (CLI, trainer ranks, checkpoint tools, lm-eval),
+# as torchrun already gives each rank of a multi-process job: the models here are tiny, and two threads per
+# process on a 2-core machine shared with other processes spin-wait (the transformers reference of test_eval
+# took 67 s of CPU with 2 threads, 6 s with 1, at load ~10). Set before torch is first imported; a user's
+# setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from tests.fixtures import SHARED_TRAINED, _shared, shape_run, tiny_default_run  # noqa: F401  (session fixtures)
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session-scoped fixture)
+
+TIERS = ("unit", "e2e", "cluster")
+
+# Tests that start the trainer: "*" for a whole module, else the test functions (parameters share the tier).
+E2E: dict[str, str | set[str]] = {
+    "test_ckpt_2022": "*",
+    "test_ckpt_tools": "*",
+    "test_eval": "*",
+    "test_launch_local": "*",
+    "test_train_run": "*",
+    "test_train_shapes": "*",
+    "test_train_parallel": "*",
+    "test_train_blocks_tp2": "*",
+    "test_benchmarks": "*",
+    "test_launch_cli": {"test_submitit_without_slurm_runs_here_with_its_local_executor",
+                        "test_submitit_without_slurm_stops_on_ctrl_c_and_resumes",
+                        "test_preflight_of_a_local_recipe_runs_here_not_through_sbatch"},
+    "test_data_check": {"test_index_builds_ahead_and_the_trainer_reuses_it"},
+}
+# Tests of an e2e module that start nothing (no trainer, no trained fixture): unit.
+UNIT_IN_E2E_MODULES = {
+    "test_ckpt_tools": {"test_reshape_layout_names_follow_the_model"},
+    "test_eval": {"test_eval_job_renders_sized_by_the_plan", "test_eval_section_is_validated"},
+}
+TIER_KEY = pytest.StashKey[dict]()
+
+
+def tier_of(item: pytest.Item) -> str:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if "slurm_cluster" in fixtures:
+        return "cluster"
+    if fixtures & SHARED_TRAINED:
+        return "e2e"
+    module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+    name = getattr(item, "originalname", item.name)
+    if name in UNIT_IN_E2E_MODULES.get(module, ()):
+        return "unit"
+    rule = E2E.get(module)
+    if rule == "*" or (rule and name in rule):
+        return "e2e"
+    return "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(getattr(pytest.mark, tier_of(item)))
+    # What tests/test_tiers.py checks: every collected test's tier markers, before any deselection.
+    config.stash[TIER_KEY] = {item.nodeid: [m.name for m in item.iter_markers() if m.name in TIERS]
+                              for item in items}
+    if os.environ.get("MTF_TEST_TIERS_DUMP"):  # the child collection of tests/test_tiers.py
+        Path(os.environ["MTF_TEST_TIERS_DUMP"]).write_text(json.dumps(config.stash[TIER_KEY]))

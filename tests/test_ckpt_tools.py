@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import view
 from tests.helpers import RECIPES, mtf, one_line_error
 
 TINY = str(RECIPES / "tiny-local.yaml")
@@ -59,16 +60,14 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
+def trained(shape_run, tmp_path_factory) -> dict[str, Path]:
     """Checkpoint folders of the tiny model trained at each shape (tp1: 3 steps, saved at 2 and 3; the others
-    2 steps)."""
+    2 steps): copies of the shared runs' first steps (tests/fixtures.py; the same numbers as runs that stop
+    there)."""
     out = {}
     for name, (tp, pp) in SHAPES.items():
-        runs = tmp_path_factory.mktemp(f"train-{name}")
-        proc = mtf("run", TINY, "--runs-dir", str(runs), *train_sets(tp, pp, 3 if name == "tp1" else 2),
-                   timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[name] = only_run(runs) / "checkpoints"
+        steps = [2, 3] if name == "tp1" else [2]
+        out[name] = view(shape_run(tp, pp, 1), tmp_path_factory.mktemp(f"train-{name}") / "run", steps) / "checkpoints"
     out["tp1-run"] = out["tp1"].parent
     return out
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import EVAL_ENV, copy_run
 from tests.helpers import RECIPES, ROOT, mtf, one_line_error
 
 TINY = str(RECIPES / "tiny-local.yaml")
 SAMPLE = ROOT / "data" / "sample" / "eval"
 LEARNABLE = ("xcopa", "xstorycloze", "xwinograd")  # XNLI's English label words are never taught by the sample
 # Offline, as on a cluster node without internet; one thread each, as several tests share this machine's cores.
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = EVAL_ENV
 # The module trains the tiny recipe once (the first test pays for it): allow for a busy machine.
 pytestmark = pytest.mark.timeout(2400)
 # What `mtf-train eval` shows on the terminal: where things are and the table. Progress bars and library warnings
@@ -41,12 +42,11 @@ def assert_quiet(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """The README's loop: train the tiny recipe (checkpoints at steps 60 and 120), then `mtf-train eval RUN`."""
-    runs = tmp_path_factory.mktemp("runs")
-    proc = mtf(TINY, "--runs-dir", str(runs), env=ENV, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run_dir,) = [p for p in (runs / "tiny-local").iterdir() if not p.name.startswith(".")]
+def run(tiny_default_run, tmp_path_factory) -> Path:
+    """The README's loop: train the tiny recipe (checkpoints at steps 60 and 120; the session's shared run,
+    tests/fixtures.py, copied as we write into it), then `mtf-train eval RUN`."""
+    trained, _ = tiny_default_run
+    run_dir = copy_run(trained, tmp_path_factory.mktemp("runs") / "tiny-local" / trained.name)
     proc = mtf("eval", str(run_dir), env=ENV, timeout=900)  # data_dir comes from the recipe
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| xcopa |" in proc.stdout and "results.json" in proc.stdout

@@ -40,11 +40,10 @@ def latest(run: Path) -> str:
     return (run / "checkpoints" / "latest").read_text().strip()
 
 
-def test_local_default_trains_and_reports_where_things_are(tmp_path):
-    """README command one: `mtf-train recipes/tiny-local.yaml` (executor local)."""
-    proc = mtf(TINY, "--runs-dir", str(tmp_path), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = only_run(tmp_path)
+def test_local_default_trains_and_reports_where_things_are(tiny_default_run):
+    """README command one: `mtf-train recipes/tiny-local.yaml` (executor local; the session's shared run,
+    tests/fixtures.py, which also asserts its exit code 0)."""
+    run, stdout = tiny_default_run
     curve = losses(run)
     assert curve[-1][0] == 120
     first, last = curve[0][1], curve[-1][1]
@@ -59,10 +58,10 @@ def test_local_default_trains_and_reports_where_things_are(tmp_path):
     assert [e["iteration"] for e in evals] == [40, 80, 120] and evals[0]["group"] == "validation"
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     for what in (f"checkpoint: {run / 'checkpoints'}", f"loss curve: {run / 'loss_curve.png'}"):
-        assert what in proc.stdout
+        assert what in stdout
     # MFU needs a GPU's peak: on CPU the log says so once, after the FLOPs formula, and no step claims one.
-    assert proc.stdout.count("MFU: n/a on CPU") == 1 and "FLOPs per token: model 72*l*h^2" in proc.stdout
-    assert " | MFU " not in proc.stdout and "TFLOP/s per GPU" in proc.stdout
+    assert stdout.count("MFU: n/a on CPU") == 1 and "FLOPs per token: model 72*l*h^2" in stdout
+    assert " | MFU " not in stdout and "TFLOP/s per GPU" in stdout
     info = json.loads((run / "run.json").read_text())
     assert info["state"] == "completed" and info["executor"] == "local"
 

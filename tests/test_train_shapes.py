@@ -2,7 +2,8 @@
 
 The same tiny model, data and seed at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2), (2,2,1) on CPU
 (gloo): the loss trajectories agree, and each shape's checkpoint, converted to DeepSpeed's universal form,
-loads at every other shape and gives the same next-step loss.
+loads at the next shape of a ring (every shape is a source once and a target once: each TP, PP and DP change
+both ways) and gives the same next-step loss.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import SHAPE_STEPS, view
 from tests.helpers import RECIPES, mtf
 
 TINY = str(RECIPES / "tiny-local.yaml")
@@ -43,14 +45,12 @@ def new_run(runs: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[tuple, Path]:
-    out = {}
-    for shape in SHAPES:
-        runs = tmp_path_factory.mktemp("shape-" + "x".join(map(str, shape)))
-        proc = mtf("run", TINY, "--runs-dir", str(runs), *shape_sets(*shape), timeout=600)
-        assert proc.returncode == 0, f"{shape}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-        out[shape] = new_run(runs)
-    return out
+def trained(shape_run, tmp_path_factory) -> dict[tuple, Path]:
+    """Each shape's shared 4-step run (tests/fixtures.py), copied with its step-3 checkpoint (we write the
+    universal form next to it)."""
+    assert SHAPE_STEPS == STEPS
+    return {shape: view(shape_run(*shape), tmp_path_factory.mktemp("shape-" + "x".join(map(str, shape))) / "run", [3])
+            for shape in SHAPES}
 
 
 def test_every_shape_gives_the_same_losses(trained):
@@ -72,18 +72,19 @@ def to_universal(run: Path) -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("source", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
-def test_universal_checkpoints_load_at_every_other_shape(trained, tmp_path, source):
+RING = [(SHAPES[i], SHAPES[(i + 1) % len(SHAPES)]) for i in range(len(SHAPES))]
+
+
+@pytest.mark.parametrize("source,target", RING, ids=["x".join(map(str, s)) + "-to-" + "x".join(map(str, t))
+                                                     for s, t in RING])
+def test_universal_checkpoint_loads_at_the_next_shape(trained, tmp_path, source, target):
     ckpt = to_universal(trained[source])
     expected = train_losses(trained[source])[3]  # step 4, after resuming from step 3
-    for target in SHAPES:
-        if target == source:
-            continue
-        runs = tmp_path / ("to-" + "x".join(map(str, target)))
-        proc = mtf("run", TINY, "--runs-dir", str(runs), *shape_sets(*target), "--set", f"checkpoint.load={ckpt}",
-                   "--set", "checkpoint.universal=true", timeout=600)
-        assert proc.returncode == 0, f"{source}->{target}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-        assert "global_step3_universal (iteration 3" in proc.stdout
-        got = train_losses(new_run(runs))
-        assert len(got) == 1, got  # one step, from iteration 3 to 4
-        assert got[0] == pytest.approx(expected, rel=RTOL), (source, target, got[0], expected)
+    runs = tmp_path / ("to-" + "x".join(map(str, target)))
+    proc = mtf("run", TINY, "--runs-dir", str(runs), *shape_sets(*target), "--set", f"checkpoint.load={ckpt}",
+               "--set", "checkpoint.universal=true", timeout=600)
+    assert proc.returncode == 0, f"{source}->{target}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert "global_step3_universal (iteration 3" in proc.stdout
+    got = train_losses(new_run(runs))
+    assert len(got) == 1, got  # one step, from iteration 3 to 4
+    assert got[0] == pytest.approx(expected, rel=RTOL), (source, target, got[0], expected)
