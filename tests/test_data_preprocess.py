@@ -150,7 +150,10 @@ def test_interrupted_run_leaves_no_half_written_files(tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "mtf_train.data.cli", "data", "preprocess", "--input", "-",
                              "-o", str(out / "p"), "-t", TOK, "--workers", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            # as a terminal's foreground command has it, even when pytest runs in the background
+                            # (where a shell without job control leaves SIGINT ignored, and Python keeps it so)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = (json.dumps(ROWS[0]) + "\n").encode()
     proc.stdin.write(line * 3000)  # more than a chunk: rows reach the temporary .bin files
     proc.stdin.flush()

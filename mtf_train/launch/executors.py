@@ -168,10 +168,11 @@ def job_ids(info: dict) -> list[str]:
 
 
 def choose(r: Recipe, override: str | None) -> Executor:
-    """The executor a submission uses: --executor, else the recipe's; auto = slurm when sbatch is on PATH."""
+    """The executor a submission uses: --executor, else the recipe's; auto = slurm when sbatch is on PATH or
+    the recipe needs several nodes (a dry run on a laptop renders the cluster job it would submit)."""
     name = override or r.executor
     if name == "auto":
-        name = "slurm" if slurm.available("sbatch") else "local"
+        name = "slurm" if slurm.available("sbatch") or r.cluster.nodes > 1 else "local"
     if name not in EXECUTORS:
         raise UserError(str(r.origin.path), f"unknown executor {name!r}", field="executor")
     return EXECUTORS[name]()

@@ -242,7 +242,7 @@ class Recipe:
     name: Optional[str] = f(None, "Run name; defaults to the recipe's file name.")
     executor: Literal["auto", "slurm", "submitit", "local"] = f(
         "auto", "How `mtf-train RECIPE` submits: sbatch, submitit, or this machine. auto = slurm when sbatch is on "
-        "PATH, else local.")
+        "PATH or the recipe asks for more than one node, else local.")
     model: Model = f(factory=Model, doc="Model architecture.")
     parallel: Parallel = f(factory=Parallel, doc="Parallel shape.")
     batch: Batch = f(factory=Batch, doc="Batch sizes.")
