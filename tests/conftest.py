@@ -70,11 +70,33 @@ def tier_of(item: pytest.Item) -> str:
     return "unit"
 
 
+def worker_groups(items: list[pytest.Item]) -> dict[str, str]:
+    """Module -> pytest-xdist worker group (`--dist loadgroup`, pyproject's addopts). A module's tests stay
+    together and in order (module fixtures, and tests that read what an earlier test of the module made); modules
+    that share a session fixture (a trained run, the SLURM cluster) join one group, so it is made once."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for shared in sorted((fixtures & SHARED_TRAINED) | ({"slurm_cluster"} & fixtures)):
+            parent[find(module)] = find(shared)
+    return {item.nodeid.split("::")[0]: find(item.nodeid.split("::")[0]) for item in items}
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(getattr(pytest.mark, tier_of(item)))
+    groups = worker_groups(items)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid.split("::")[0]]))
     # What tests/test_tiers.py checks: every collected test's tier markers, before any deselection.
     config.stash[TIER_KEY] = {item.nodeid: [m.name for m in item.iter_markers() if m.name in TIERS]
                               for item in items}

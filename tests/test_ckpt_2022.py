@@ -1,10 +1,10 @@
 """2022 bigscience checkpoints and damaged ones, through the CLI as a user types it.
 
 A bf16 run of a 6-layer tiny BLOOM is trained once (TP1, BF16_Optimizer files); `ckpt reshape` moves its
-step 2 to TP4 x PP2 (the pretrained bloom shape in miniature) and `ckpt_legacy.to_legacy` rewrites that copy
-the way 2022 Megatron-DeepSpeed pickled it (argparse Namespace with `megatron.enums`, progress on the args,
-`checkpoint_info`, 2022 RNG keys, DeepSpeed 0.7 keys). Every tool and the trainer must give the same numbers
-on the 2022 form as on ours. Damaged copies (flipped bytes, truncation, a missing or extra layer file, a
+step 2 to TP2 x PP2 (split both ways, as the pretrained bloom's TP4 x PP12; 4 ranks rather than 8 on two cores)
+and `ckpt_legacy.to_legacy` rewrites that copy the way 2022 Megatron-DeepSpeed pickled it (argparse Namespace
+with `megatron.enums`, progress on the args, `checkpoint_info`, 2022 RNG keys, DeepSpeed 0.7 keys). Every tool
+and the trainer must give the same numbers on the 2022 form as on ours. Damaged copies (flipped bytes, truncation, a missing or extra layer file, a
 zero-byte optimizer file) must be one line naming the file and exit 2 in every tool and in the trainer.
 
 Six layers, because at TP1 x PP4 a 4-layer model's last stage holds nothing but the tied embedding's copy,
@@ -24,6 +24,7 @@ from tests.ckpt_legacy import to_legacy
 from tests.helpers import RECIPES, mtf, one_line_error
 
 TINY = str(RECIPES / "tiny-local.yaml")
+TP, PP = 2, 2  # the shape of the 2022-form fixture
 
 
 def sets(*items: str) -> list[str]:
@@ -116,11 +117,11 @@ def bf16_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(bf16_run, tmp_path_factory, env) -> dict[str, Path]:
-    """Step 2 at TP4 x PP2 in our form and, the same files, in the 2022 form."""
+    """Step 2 at TP x PP (2 x 2) in our form and, the same files, in the 2022 form."""
     base = tmp_path_factory.mktemp("pair")
     # a run folder with --step, relative paths, from another working directory
     rel = os.path.relpath(bf16_run, base)
-    proc = mtf("ckpt", "reshape", rel, "--step", "2", "--tp", "4", "--pp", "2", "-o", "ours", "--no-verify",
+    proc = mtf("ckpt", "reshape", rel, "--step", "2", "--tp", str(TP), "--pp", str(PP), "-o", "ours", "--no-verify",
                cwd=base, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     to_legacy(base / "ours" / "global_step2", base / "legacy")
@@ -130,7 +131,7 @@ def pair(bf16_run, tmp_path_factory, env) -> dict[str, Path]:
 def test_the_fixture_is_in_the_2022_form(pair):
     mp = pair["legacy"] / "global_step2" / "mp_rank_00_model_states.pt"
     assert {"argparse.Namespace", "megatron.enums.PositionEmbeddingType"} <= unsafe_globals(mp)
-    assert len(list((pair["legacy"] / "global_step2").glob("bf16_zero_pp_rank_0_mp_rank_*_optim_states.pt"))) == 8
+    assert len(list((pair["legacy"] / "global_step2").glob("bf16_zero_pp_rank_0_mp_rank_*_optim_states.pt"))) == TP * PP
 
 
 def test_inspect_reads_the_2022_form_like_ours(pair, env):
@@ -140,7 +141,7 @@ def test_inspect_reads_the_2022_form_like_ours(pair, env):
     for key in ("iteration", "tp", "pp", "dp", "dtype", "parameters", "num_layers", "hidden_size",
                 "padded_vocab_size", "original_vocab_size", "optimizer", "consumed_train_samples"):
         assert got["legacy"][key] == got["ours"][key], key
-    assert (got["legacy"]["tp"], got["legacy"]["pp"], got["legacy"]["iteration"]) == (4, 2, 2)
+    assert (got["legacy"]["tp"], got["legacy"]["pp"], got["legacy"]["iteration"]) == (TP, PP, 2)
     assert (got["legacy"]["original_vocab_size"], got["legacy"]["consumed_train_samples"]) == (2531, 16)
     assert not got["legacy"]["universal_info"]
 
@@ -160,7 +161,7 @@ def test_to_universal_of_the_2022_form_equals_ours_and_keeps_the_padding(pair, e
     assert assert_same_tensors(a / "zero", b / "zero") > 100
     emb = tensors(a / "zero" / "tied_modules.embed.word_embeddings.weight" / "fp32.pt")["/param"]
     src = torch.cat([tensors(pair["ours"] / "global_step2" / f"layer_01-model_{t:02d}-model_states.pt")
-                     ["/word_embeddings.weight"] for t in range(4)])
+                     ["/word_embeddings.weight"] for t in range(TP)])
     assert emb.shape[0] == src.shape[0] == 2560  # the padding rows are there, with their values
     assert torch.equal(emb.bfloat16(), src) and src[2531:].abs().sum() > 0
     for mp in a.glob("mp_rank_*"):  # what we write keeps our form: no 2022 classes
@@ -189,7 +190,7 @@ def test_export_hf_of_the_2022_form_is_verified_and_equals_ours(pair, env, tmp_p
     rel = os.path.relpath(pair["legacy"], tmp_path)  # relative DIR and -o from another working directory
     proc = mtf("ckpt", "export-hf", rel, "-o", "hf-legacy", cwd=tmp_path, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"transformers BloomForCausalLM loads it; logits vs ours at tp 4 x pp 2: ok", proc.stdout)
+    assert re.search(rf"transformers BloomForCausalLM loads it; logits vs ours at tp {TP} x pp {PP}: ok", proc.stdout)
     proc = mtf("ckpt", "export-hf", str(pair["ours"]), "-o", str(tmp_path / "hf-ours"), "--no-verify", env=env,
                timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -203,9 +204,9 @@ def test_export_hf_of_the_2022_form_is_verified_and_equals_ours(pair, env, tmp_p
 
 
 def test_trainer_resumes_the_2022_form_plainly(pair, bf16_run, tmp_path):
-    """A plain resume at the checkpoint's shape (TP4 x PP2) continues from its progress (sample 16, the lr of
+    """A plain resume at the checkpoint's shape (TP x PP) continues from its progress (sample 16, the lr of
     step 3) with the loss the TP1 run had at step 3."""
-    proc = mtf("run", TINY, "--runs-dir", str(tmp_path), *train_sets(4, 2, 3, f"checkpoint.load={pair['legacy']}"),
+    proc = mtf("run", TINY, "--runs-dir", str(tmp_path), *train_sets(TP, PP, 3, f"checkpoint.load={pair['legacy']}"),
                timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"loaded {pair['legacy']}/global_step2 (iteration 2)" in proc.stdout
