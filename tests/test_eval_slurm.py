@@ -40,6 +40,20 @@ def diagnose(run: Path) -> str:
     return "\n".join(text)
 
 
+def submit_one_job_with_eval(tmp_path: Path, *extra: str) -> tuple[Path, object, str, str]:
+    """The tiny recipe as one training job on one node, with its evaluation job after it (afterok)."""
+    args = [TINY, "--executor", "slurm", "--runs-dir", str(tmp_path / "runs")]
+    for s in ("cluster.nodes=1", "cluster.gpus_per_node=1", "cluster.partition=debug",
+              "eval.zero_shot.job=after_training", f"cluster.master_port={free_port()}", *extra):
+        args += ["--set", s]
+    proc = mtf(*args, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    (run,) = [p for p in (tmp_path / "runs" / "tiny-local").iterdir() if not p.name.startswith(".")]
+    (job,) = info(run)["job_ids"]
+    (ev,) = info(run)["eval_job_ids"]
+    return run, proc, job, ev
+
+
 def test_eval_job_follows_the_chain_and_status_shows_its_scores(slurm_cluster: SlurmCluster, tmp_path):
     """A chain of 2 saving at steps 15 and 30; eval.zero_shot.job=every_step: the evaluation job waits for the
     chain's last job (afterany: the first job finishes training and cancels the second), then evaluates both
@@ -84,16 +98,7 @@ def test_eval_job_follows_the_chain_and_status_shows_its_scores(slurm_cluster: S
 def test_a_failed_training_job_cancels_its_evaluation_job(slurm_cluster: SlurmCluster, tmp_path):
     """One training job (afterok) whose launcher fails at once (python = /bin/false): its evaluation job can
     never run, and is cancelled rather than left pending."""
-    runs = tmp_path / "runs"
-    args = [TINY, "--executor", "slurm", "--runs-dir", str(runs)]
-    for s in ("cluster.nodes=1", "cluster.gpus_per_node=1", "cluster.partition=debug", "runtime.python=/bin/false",
-              "eval.zero_shot.job=after_training", f"cluster.master_port={free_port()}"):
-        args += ["--set", s]
-    proc = mtf(*args, env=ENV, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    (run,) = [p for p in (runs / "tiny-local").iterdir() if not p.name.startswith(".")]
-    (job,) = info(run)["job_ids"]
-    (ev,) = info(run)["eval_job_ids"]
+    run, proc, job, ev = submit_one_job_with_eval(tmp_path, "runtime.python=/bin/false")
     try:
         assert f"submitted evaluation job {ev}, after job {job} (afterok)" in proc.stdout
         assert slurm_cluster.wait_job(job, timeout=60) == "FAILED"
@@ -106,16 +111,7 @@ def test_a_failed_training_job_cancels_its_evaluation_job(slurm_cluster: SlurmCl
 def test_cancel_takes_the_evaluation_job_with_the_training_job(slurm_cluster: SlurmCluster, tmp_path):
     """`mtf-train cancel RUN` right after submission: the evaluation job waiting on the training job is cancelled
     with it, not left to start on a run that never finished."""
-    runs = tmp_path / "runs"
-    args = [TINY, "--executor", "slurm", "--runs-dir", str(runs)]
-    for s in ("cluster.nodes=1", "cluster.gpus_per_node=1", "cluster.partition=debug",
-              "eval.zero_shot.job=after_training", f"cluster.master_port={free_port()}"):
-        args += ["--set", s]
-    proc = mtf(*args, env=ENV, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    (run,) = [p for p in (runs / "tiny-local").iterdir() if not p.name.startswith(".")]
-    (job,) = info(run)["job_ids"]
-    (ev,) = info(run)["eval_job_ids"]
+    run, proc, job, ev = submit_one_job_with_eval(tmp_path)
     try:
         out = mtf("cancel", str(run), env=ENV, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import SHAPE_STEPS, view
+from tests.fixtures import SHAPE_STEPS, shape_sets, view
 from tests.helpers import RECIPES, mtf
 
 TINY = str(RECIPES / "tiny-local.yaml")
@@ -23,15 +23,6 @@ STEPS = 4       # trained straight; the checkpoint at step 3 is the one moved be
 RTOL = 2e-5     # fp32. Each shape sums some things in another order (row-parallel matmuls under TP, the tied
                 # embedding's gradient from two stages under PP, micro-batch means over DP ranks): the last bits
                 # differ, nothing else. Seen: at most ~1e-7 relative.
-
-
-def shape_sets(tp: int, pp: int, dp: int) -> list[str]:
-    out = []
-    for s in (f"parallel.tp={tp}", f"parallel.pp={pp}", f"cluster.gpus_per_node={tp * pp * dp}", "eval.iters=0",
-              "logging.log_interval=1", "checkpoint.interval=3", f"training.train_iters={STEPS}",
-              "batch.micro=2", "batch.global=8"):
-        out += ["--set", s]
-    return out
 
 
 def train_losses(run: Path) -> list[float]:
