@@ -13,6 +13,8 @@ Stdlib only: importing this module imports none of the three.
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -77,6 +79,10 @@ USES = (
         "train/model.py", "megatron's weights, init and checkpoint names with our own forward",
         "tests/test_train_model.py, tests/test_train_blocks_tp2.py",
         ("megatron.core.tensor_parallel", "set_tensor_model_parallel_attributes")),
+    Use("megatron-core", "megatron/core/jit.py defines jit_fuser, noop_decorator, enable_jit_fuser and "
+        "disable_jit_fuser; replaced before megatron.core is first imported", "compat.py, train/__init__.py, "
+        "data/indexed.py", "skip the torch.compile import of kernels mtf-train never calls (seconds per process)",
+        "tests/test_compat.py"),
     Use("megatron-core", "megatron.core.datasets.indexed_dataset (the .bin/.idx format)", "data/indexed.py",
         "read and write Megatron's indexed datasets", "tests/test_data_preprocess.py",
         ("megatron.core.datasets.indexed_dataset", "IndexedDataset")),
@@ -109,3 +115,27 @@ def version_problems() -> list[str]:
                             f"against ({', '.join(CHECKED[package])}): re-check its {uses} entries in USES, "
                             f"then add {installed} to CHECKED")
     return problems
+
+
+MEGATRON_JIT_NAMES = ("jit_fuser", "noop_decorator", "enable_jit_fuser", "disable_jit_fuser")
+
+
+def megatron_without_jit_fuser() -> None:
+    """Make megatron-core's `jit_fuser` the no-op decorator before megatron.core is first imported.
+
+    megatron/core/jit.py sets `jit_fuser = torch.compile`, and importing megatron.core decorates its fused bias-GeLU,
+    SwiGLU, dropout, MoE... kernels with it, which imports torch._dynamo and inductor: 2-3 s of every rank's and
+    every checkpoint tool's start, for kernels mtf-train never calls (it uses megatron's parameters and its own
+    forward). With the no-op decorator (megatron's own `disable_jit_fuser()` mode, which cannot be chosen before
+    the import) they would still run, eagerly. Does nothing when megatron.core was already imported.
+    """
+    if "megatron.core" in sys.modules or "megatron.core.jit" in sys.modules:
+        return
+    jit = types.ModuleType("megatron.core.jit", "megatron-core's jit module with the fuser off (mtf_train.compat)")
+
+    def noop_decorator(func):
+        return func
+
+    jit.jit_fuser = jit.noop_decorator = noop_decorator
+    jit.enable_jit_fuser = jit.disable_jit_fuser = lambda: None
+    sys.modules["megatron.core.jit"] = jit

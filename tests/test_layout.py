@@ -24,10 +24,10 @@ ALLOWED = {
     "render": ("errors", "files", "rules", "recipe", "plan", "data.pathfile", "eval.job"),
     "launch": ("errors", "files", "rules", "recipe", "plan", "render", "eval.report"),
     # below: the recipe's schema and shape, never the plan, rendering or launching
-    "data": ("errors", "files", "rules", "recipe.schema", "recipe.shape", "recipe.load", "recipe.yamlio",
+    "data": ("errors", "files", "rules", "compat", "recipe.schema", "recipe.shape", "recipe.load", "recipe.yamlio",
              "eval.tasks"),
     # the trainer writes and reads checkpoints in the format ckpt/ defines
-    "train": ("errors", "files", "rules", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
+    "train": ("errors", "files", "rules", "compat", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
               "ckpt.safe", "ckpt.torchzip"),
     # beside the trainer: the model, its names and its data; a recipe only for its cluster's job directives
     "ckpt": ("errors", "files", "rules", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),

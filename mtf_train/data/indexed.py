@@ -8,6 +8,7 @@ from functools import cached_property
 
 import numpy as np
 
+from mtf_train.compat import megatron_without_jit_fuser
 from mtf_train.data.errors import DataError
 
 KINDS = ("inputs", "targets")
@@ -15,6 +16,7 @@ KINDS = ("inputs", "targets")
 
 def megatron_indexed():
     """The megatron-core module; its import warns about missing Transformer Engine/Apex, which is noise here."""
+    megatron_without_jit_fuser()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset
