@@ -158,22 +158,14 @@ def conf_root() -> Path | None:
 
 
 def read_state(root: Path | None = None) -> dict | None:
-    """The running cluster's state.json (root: from /etc/slurm/slurm.conf); None when there is none. A cluster
-    started by the shell version of this tool has only the header: its fields stand in."""
+    """The running cluster's state.json (root: from /etc/slurm/slurm.conf); None when there is none."""
     root = root or conf_root()
     if root is None:
         return None
-    files = [int(p.name) for p in (root / "leases").glob("*") if p.name.isdigit()]
     try:
-        state = json.loads((root / STATE).read_text())
+        return json.loads((root / STATE).read_text())
     except (OSError, ValueError):
-        h = conf_header()
-        if not h or Path(h.get("root", "")) != root:
-            return None
-        return new_state(root, int(h.get("nodes", 0)), h.get("accounting") == "1",
-                         lease_managed=(root / "run" / "lease-managed").exists(), leases=files)
-    state["leases"] = sorted(set(state["leases"]) | set(files))  # leases the shell version took meanwhile
-    return state
+        return None
 
 
 def new_state(root: Path, n: int, accounting: bool, lease_managed: bool = False, leases=()) -> dict:
@@ -188,21 +180,10 @@ def write_state(state: dict) -> None:
     tmp = root / f".{STATE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, root / STATE)
-    # Until every checkout runs this module, the shell version (same lock) may release a lease of this cluster:
-    # it counts the files in leases/ and takes down what run/lease-managed marks. Mirror both for it.
-    leases = root / "leases"
-    leases.mkdir(exist_ok=True)
-    for f in leases.iterdir():
-        if f.name not in {str(p) for p in state["leases"]}:
-            f.unlink(missing_ok=True)
-    for p in state["leases"]:
-        (leases / str(p)).touch()
-    if state["lease_managed"]:
-        (root / "run" / "lease-managed").touch()
 
 
 def take_lock():
-    """The machine-wide lock every up/down/release holds (the shell version takes the same one)."""
+    """The machine-wide lock every up/down/release holds."""
     timeout = float(os.environ.get("MTF_SLURM_LOCK_TIMEOUT", "600"))
     fh = open(LOCK_FILE, "w")  # not inherited by the daemons we start (close-on-exec)
     deadline = time.monotonic() + timeout
@@ -424,7 +405,7 @@ def remove_our_confs() -> None:
 
 
 def write_confs(root: Path, n: int, accounting: bool) -> None:
-    for d in ("state", "run", "log", "dev", "leases", *(f"spool/n{i}" for i in range(1, n + 1))):
+    for d in ("state", "run", "log", "dev", *(f"spool/n{i}" for i in range(1, n + 1))):
         (root / d).mkdir(parents=True, exist_ok=True)
     for i in range(GPUS):
         dev = root / "dev" / f"gpu{i}"
@@ -437,7 +418,7 @@ def write_confs(root: Path, n: int, accounting: bool) -> None:
     ports = str(BASE_PORT + 1) if n == 1 else f"[{BASE_PORT + 1}-{BASE_PORT + n}]"
     backup_foreign_confs()
     acct = int(accounting)
-    # The header: `down` (of this tool or of its shell version) finds the running cluster's root here.
+    # The header: `down` finds the running cluster's root here.
     conf = f"""{TAG} root={root} nodes={n} accounting={acct} (written by scripts/local-slurm; removed by 'down')
 ClusterName=local
 SlurmctldHost=localhost(127.0.0.1)
@@ -596,7 +577,7 @@ def cmd_up(nodes: int | None, accounting: bool, lease: int | None) -> None:
             say(f"note: the running cluster's root is {cur_root} (not {root})")
         if lease is not None:
             state["leases"] = sorted(set(state["leases"]) | {lease})
-        write_state(state)  # also gives a cluster started by the shell version its state.json
+        write_state(state)
         say("already up")
         print_summary(state)
         return
@@ -612,7 +593,7 @@ def cmd_up(nodes: int | None, accounting: bool, lease: int | None) -> None:
     install_packages(accounting)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).touch()
-    for d in ("state", "run", "log", "dev", "leases"):
+    for d in ("state", "run", "log", "dev"):
         (root / d).mkdir(exist_ok=True)
     try:
         start_munge(root)

@@ -170,10 +170,11 @@ def test_to_universal_of_the_2022_form_equals_ours_and_keeps_the_padding(pair, e
 
 def test_reshape_of_the_2022_form_is_verified_and_equals_ours(pair, env):
     base = pair["base"]
-    proc = mtf("ckpt", "reshape", "legacy", "--tp", "1", "--pp", "4", "-o", "r-legacy", cwd=base, env=env,
+    proc = mtf("ckpt", "reshape", "legacy", "--tp", "1", "--pp", "4", "-o", "r-legacy", "--json", cwd=base, env=env,
                timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(re.findall(r"^\s+(loss|logits|next-step loss|next-step logits)\s+ok ", proc.stdout, re.M)) == 4
+    checks = json.loads(proc.stdout)["checks"]
+    assert [c["name"] for c in checks if c["ok"]] == ["loss", "logits", "next-step loss", "next-step logits"], checks
     proc = mtf("ckpt", "reshape", "ours", "--tp", "1", "--pp", "4", "-o", "r-ours", "--no-verify", cwd=base,
                env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -188,9 +189,12 @@ def test_reshape_of_the_2022_form_is_verified_and_equals_ours(pair, env):
 
 def test_export_hf_of_the_2022_form_is_verified_and_equals_ours(pair, env, tmp_path):
     rel = os.path.relpath(pair["legacy"], tmp_path)  # relative DIR and -o from another working directory
-    proc = mtf("ckpt", "export-hf", rel, "-o", "hf-legacy", cwd=tmp_path, env=env, timeout=900)
+    proc = mtf("ckpt", "export-hf", rel, "-o", "hf-legacy", "--json", cwd=tmp_path, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(rf"transformers BloomForCausalLM loads it; logits vs ours at tp {TP} x pp {PP}: ok", proc.stdout)
+    checks = json.loads(proc.stdout)["checks"]
+    assert [(c["name"], c["ok"], c["transformers_class"]) for c in checks] == \
+        [("transformers logits", True, "BloomForCausalLM")], checks
+    assert re.search(rf"transformers BloomForCausalLM loads it; logits vs ours at tp {TP} x pp {PP}: ok", proc.stderr)
     proc = mtf("ckpt", "export-hf", str(pair["ours"]), "-o", str(tmp_path / "hf-ours"), "--no-verify", env=env,
                timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -50,8 +50,10 @@ def snapshot(folder: Path) -> dict:
 
 
 def diffs(stdout: str) -> dict[str, float]:
-    return {m.group(1).strip(): float(m.group(2))
-            for m in re.finditer(r"^\s+([a-z -]+?)\s+ok\s+max rel diff (\S+)", stdout, re.M)}
+    """The verified checks of a conversion's `--json` object (name -> max rel diff), all of them ok."""
+    checks = json.loads(stdout)["checks"]
+    assert all(c["ok"] and c["max_rel_diff"] <= c["tolerance"] for c in checks), checks
+    return {c["name"]: c["max_rel_diff"] for c in checks}
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +115,15 @@ def test_reshape_verifies_and_leaves_input_alone(trained, env, reshaped, tmp_pat
     before = snapshot(src)
     out = tmp_path_factory.mktemp("reshape") / f"{source}-to-tp{tp}pp{pp}"
     step = ["--step", "2"] if source == "tp1" else []
-    proc = mtf("ckpt", "reshape", str(src), "--tp", str(tp), "--pp", str(pp), "-o", str(out), *step,
+    proc = mtf("ckpt", "reshape", str(src), "--tp", str(tp), "--pp", str(pp), "-o", str(out), *step, "--json",
                env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d = diffs(proc.stdout)
     assert set(d) == {"loss", "logits", "next-step loss", "next-step logits"}, proc.stdout
     assert d["loss"] <= 2e-5 and d["next-step loss"] <= 2e-5 and d["logits"] <= 1e-4, d
-    assert "FAIL" not in proc.stdout
+    result = json.loads(proc.stdout)
+    assert (result["output"], result["to"], result["iteration"]) == (str(out), {"tp": tp, "pp": pp, "dp": 1}, 2)
+    assert re.search(r"^\s+next-step loss\s+ok\s+max rel diff", proc.stderr, re.M)  # the human lines, on stderr
     assert snapshot(src) == before                                   # the input is never modified
     assert [p.name for p in out.parent.iterdir()] == [out.name]      # no scratch folder left next to it
     info = json.loads(mtf("ckpt", "inspect", str(out), "--json", env=env, check=True).stdout)
@@ -182,6 +186,7 @@ def test_export_hf_then_import_hf(trained, env, tmp_path):
     proc = mtf("ckpt", "export-hf", str(trained["tp2pp2"]), "-o", str(hf_dir), env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"transformers BloomForCausalLM loads it; logits vs ours at tp 2 x pp 2: ok max rel diff", proc.stdout)
+    assert "{" not in proc.stdout  # without --json: human lines only
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["vocab_size"] == 2560 and cfg["architectures"] == ["BloomForCausalLM"]
     assert (cfg["unk_token_id"], cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 1, 2, 3)
@@ -189,9 +194,11 @@ def test_export_hf_then_import_hf(trained, env, tmp_path):
 
     # back into our layout at another shape, then a run starts finetuning from it
     ours = tmp_path / "imported"
-    proc = mtf("ckpt", "import-hf", str(hf_dir), "--tp", "1", "--pp", "2", "-o", str(ours), env=env, timeout=600)
+    proc = mtf("ckpt", "import-hf", str(hf_dir), "--tp", "1", "--pp", "2", "-o", str(ours), "--json", env=env,
+               timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"logits at tp 1 x pp 2 after reloading vs transformers' BloomForCausalLM: ok", proc.stdout)
+    assert diffs(proc.stdout).keys() == {"transformers logits"}
+    assert json.loads(proc.stdout)["checks"][0]["transformers_class"] == "BloomForCausalLM"
     info = json.loads(mtf("ckpt", "inspect", str(ours), "--json", env=env, check=True).stdout)
     assert (info["tp"], info["pp"], info["iteration"], info["original_vocab_size"]) == (1, 2, 0, 2531)
     runs = tmp_path / "runs"

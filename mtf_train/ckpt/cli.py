@@ -64,6 +64,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override (with --recipe)")
     p.add_argument("--here", action="store_true", help="run here whatever the size (what a rendered job does)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the checks with their numbers) on "
+                   "stdout; progress goes to stderr")
     p.set_defaults(func=cmd_reshape)
 
     p = sub.add_parser("export-hf", help="a transformers BloomForCausalLM folder, verified",
@@ -76,6 +78,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as saved)")
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file (default: %(default)s)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the checks with their numbers) on "
+                   "stdout; progress goes to stderr")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import-hf", help="a transformers BLOOM folder into our layout, verified",
@@ -90,6 +94,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="training precision the checkpoint is for (bfloat16: BF16 optimizer, ZeRO-1)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the checks with their numbers) on "
+                   "stdout; progress goes to stderr")
     p.set_defaults(func=cmd_import_hf)
     return ckpt
 
@@ -102,6 +108,21 @@ def _prepare() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _report(args, run) -> int:
+    """Run a conversion; with --json its human lines go to stderr and its result is the only thing on stdout."""
+    import contextlib
+    import json
+    import sys
+
+    if not args.json:
+        run()
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run()
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -128,22 +149,22 @@ def cmd_reshape(args) -> int:
     _prepare()
     from mtf_train.ckpt.reshape import reshape
 
-    return reshape(args.dir, tp=args.tp, pp=args.pp, dp=args.dp, output=args.output, step=args.step,
-                   method=args.method, verify=not args.no_verify, recipe=args.recipe, sets=args.sets,
-                   job=args.job, here=args.here)
+    return _report(args, lambda: reshape(
+        args.dir, tp=args.tp, pp=args.pp, dp=args.dp, output=args.output, step=args.step, method=args.method,
+        verify=not args.no_verify, recipe=args.recipe, sets=args.sets, job=args.job, here=args.here))
 
 
 def cmd_export_hf(args) -> int:
     _prepare()
     from mtf_train.ckpt.hf import export_hf
 
-    return export_hf(args.dir, args.output, step=args.step, dtype=args.dtype, shard_size=args.shard_size,
-                     verify=not args.no_verify)
+    return _report(args, lambda: export_hf(args.dir, args.output, step=args.step, dtype=args.dtype,
+                                           shard_size=args.shard_size, verify=not args.no_verify))
 
 
 def cmd_import_hf(args) -> int:
     _prepare()
     from mtf_train.ckpt.hf import import_hf
 
-    return import_hf(args.hfdir, args.output, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
-                     verify=not args.no_verify)
+    return _report(args, lambda: import_hf(args.hfdir, args.output, tp=args.tp, pp=args.pp, dp=args.dp,
+                                           dtype=args.dtype, verify=not args.no_verify))

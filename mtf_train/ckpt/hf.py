@@ -62,7 +62,8 @@ def hf_logits(hf_dir: Path, ids, dtype=None):
 
 
 def export_hf(folder, output, *, step: int | None = None, dtype: str | None = None, shard_size: str = "5GB",
-              verify: bool = True) -> int:
+              verify: bool = True) -> dict:
+    """Write DIR's step as a transformers folder at `output`; returns what was done (the `--json` object)."""
     import torch
     from safetensors.torch import save_file
 
@@ -127,16 +128,20 @@ def export_hf(folder, output, *, step: int | None = None, dtype: str | None = No
         print(f"exported {ck.path} (tp {ck.tp} x pp {ck.pp}, iteration {src.client.get('iteration')}) -> {out}: "
               f"{human(total)} in {len(files)} safetensors file(s), {str(out_dtype).replace('torch.', '')}, "
               f"vocab {src.padded_vocab} (tokenizer {src.original_vocab}); {tok_note} ({took:.1f} s)", flush=True)
+        checks, not_verified = [], None
         if verify:
             from mtf_train.ckpt.verify import estimate_fits
 
             fits, why = estimate_fits(src, ck.tp, ck.pp, 1)
             if fits:
-                verify_export(src, tmp, out_dtype)
+                checks = [verify_export(src, tmp, out_dtype)]
             else:
+                not_verified = why
                 print(f"  not verified here: {why} (compare on a larger machine with export-hf there)")
     print(f"done: {out}")
-    return 0
+    return {"input": str(ck.path), "output": str(out), "iteration": src.client.get("iteration"),
+            "dtype": str(out_dtype).replace("torch.", ""), "files": len(files), "bytes": total,
+            "checks": checks, "not_verified": not_verified}
 
 
 def _umask_modes(folder: Path) -> None:
@@ -174,22 +179,24 @@ def copy_tokenizer(path, dest: Path) -> str:
 
 
 def check_hf_logits(hf_dir: Path, batch: tuple, ours, vocab: int, tol: float, *, relative_to_ours: bool, line: str,
-                    where: str, failure: str, scratch: Path) -> None:
+                    where: str, failure: str, scratch: Path) -> dict:
     """transformers' logits on the fixed batch (seq, vocab, seed) against ours over the first `vocab` columns;
-    prints `line` (its {cls}: the transformers class) with the result, raises VerifyError when out of `tol`."""
-    from mtf_train.ckpt.verify import fixed_batch, logits_diff
+    prints `line` (its {cls}: the transformers class) with the result and returns the check (named
+    "transformers logits"); raises VerifyError when out of `tol`."""
+    from mtf_train.ckpt.verify import check, fixed_batch, logits_diff
 
     ids, _, _ = fixed_batch(1, *batch, single_segment=True)
     theirs, cls = hf_logits(hf_dir, ids[:, :-1])
     diff = logits_diff(theirs, ours, vocab) if relative_to_ours else logits_diff(ours, theirs, vocab)
-    ok = diff <= tol and math.isfinite(diff)
-    print(line.format(cls=cls) + f"{'ok' if ok else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e})")
-    if not ok:
+    c = dict(check("transformers logits", diff, tol), transformers_class=cls)
+    print(line.format(cls=cls) + f"{'ok' if c['ok'] else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e})")
+    if not c["ok"]:
         raise VerifyError(where, f"verification failed: {failure} differ by {diff:.2e} (tolerance {tol:.0e}); "
                           f"logs in {scratch}")
+    return c
 
 
-def verify_export(src, hf_dir: Path, dtype) -> None:
+def verify_export(src, hf_dir: Path, dtype) -> dict:
     import torch
 
     from mtf_train.ckpt.verify import TOLERANCE, run_worker, verify_spec
@@ -202,11 +209,12 @@ def verify_export(src, hf_dir: Path, dtype) -> None:
     ours = run_worker(spec, scratch, label="ours")
     b = spec["batch"]
     tol = TOLERANCE["float32" if dtype == torch.float32 and src.dtype == "float32" else "bfloat16"][1]
-    check_hf_logits(hf_dir, (b["seq"], b["vocab"], b["seed"]), ours["logits0"], src.padded_vocab, tol,
-                    relative_to_ours=True,
-                    line=f"  transformers {{cls}} loads it; logits vs ours at tp {ck.tp} x pp {ck.pp}: ",
-                    where=str(hf_dir), failure="transformers' logits", scratch=scratch)
+    c = check_hf_logits(hf_dir, (b["seq"], b["vocab"], b["seed"]), ours["logits0"], src.padded_vocab, tol,
+                        relative_to_ours=True,
+                        line=f"  transformers {{cls}} loads it; logits vs ours at tp {ck.tp} x pp {ck.pp}: ",
+                        where=str(hf_dir), failure="transformers' logits", scratch=scratch)
     shutil.rmtree(scratch, ignore_errors=True)
+    return c
 
 
 # --- import --------------------------------------------------------------------------------------------------
@@ -249,7 +257,8 @@ def tokenizer_size(hf_dir: Path) -> int | None:
 
 
 def import_hf(hf_dir, output, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype: str = "float32",
-              verify: bool = True) -> int:
+              verify: bool = True) -> dict:
+    """Split a transformers BLOOM folder into our layout at `output`; returns what was done (the `--json` object)."""
     import torch
 
     from mtf_train.ckpt.layout import check_output
@@ -309,11 +318,14 @@ def import_hf(hf_dir, output, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype: s
         spec.update(save=str(tmp), client=str(scratch / "client.pt"))
         ours = run_worker(spec, scratch, label="import")
         print(f"saved iteration 0 at tp {tp} x pp {pp} x dp {dp} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        checks = []
         if verify:
             tol = TOLERANCE[dtype if dtype != "float32" else "float32"][1]
-            check_hf_logits(hf_dir, (seq, original, 1234), ours["logits0"], vocab, tol, relative_to_ours=False,
-                            line=f"  logits at tp {tp} x pp {pp} after reloading vs transformers' {{cls}}: ",
-                            where=str(out), failure="logits", scratch=scratch)
+            checks = [check_hf_logits(
+                hf_dir, (seq, original, 1234), ours["logits0"], vocab, tol, relative_to_ours=False,
+                line=f"  logits at tp {tp} x pp {pp} after reloading vs transformers' {{cls}}: ",
+                where=str(out), failure="logits", scratch=scratch)]
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"done: {out}; start a run from it with checkpoint.load={out} (model.pad_vocab_size_to: {vocab})")
-    return 0
+    return {"input": str(hf_dir), "output": str(out), "tp": tp, "pp": pp, "dp": dp, "dtype": dtype,
+            "padded_vocab_size": vocab, "checks": checks}

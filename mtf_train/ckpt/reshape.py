@@ -43,7 +43,8 @@ TRAINER_KEYS = ("iteration", "consumed_train_samples", "consumed_valid_samples",
 
 def reshape(folder, *, tp: int, pp: int, dp: int = 1, output, step: int | None = None, method: str = "direct",
             verify: bool = True, recipe: str | None = None, sets=(), job: str | None = None,
-            here: bool = False) -> int:
+            here: bool = False) -> dict:
+    """Reshape DIR's step into `output`; returns what was done (the `--json` object)."""
     out = Path(output).resolve()
     src = read_source(folder, step)
     check_shape(src, tp, pp, dp)
@@ -64,12 +65,13 @@ def reshape(folder, *, tp: int, pp: int, dp: int = 1, output, step: int | None =
                                   sets=sets, job=job)
         print(f"{ck.path} ({shape_from}) -> {out} ({shape_to}): {why or 'job requested'}; rendered {path}\n"
               f"submit it with: sbatch {path}")
-        return 0
+        return {"input": str(ck.path), "output": str(out), "job": str(path), "reason": why or "job requested"}
 
     size = sum(p.stat().st_size for p in ck.files())
     print(f"reshape {ck.path} ({shape_from}, iteration {src.client.get('iteration', ck.iteration)}, "
           f"{human(size)}) -> {out} ({shape_to}), method {method}", flush=True)
     t0 = time.perf_counter()
+    checks = []
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix="mtf-ckpt-"))  # logs of the runs: kept only when one fails
@@ -104,15 +106,17 @@ def reshape(folder, *, tp: int, pp: int, dp: int = 1, output, step: int | None =
             if recut:
                 print(f"  the padded vocabulary changes ({src.padded_vocab} -> {padded}): its padding rows are re-cut, "
                       f"which moves the softmax a little; losses are compared at {RECUT_TOLERANCE[0]:.0e}")
-            lines = compare(ref, got, src.dtype, src.original_vocab, str(out),
-                            tolerance=RECUT_TOLERANCE if recut else None)
-            print("\n".join(lines))
+            checks = compare(ref, got, src.dtype, src.original_vocab, str(out),
+                             tolerance=RECUT_TOLERANCE if recut else None)
             if got.get("iteration") != ref.get("iteration"):
                 raise VerifyError(str(out), f"iteration {got.get('iteration')} after loading, expected "
                                   f"{ref.get('iteration')}")
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"done: {out} resumes with --load {out} at {shape_to} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    took = time.perf_counter() - t0
+    print(f"done: {out} resumes with --load {out} at {shape_to} ({took:.1f} s)")
+    return {"input": str(ck.path), "output": str(out), "iteration": src.client.get("iteration", ck.iteration),
+            "from": {"tp": ck.tp, "pp": ck.pp, "dp": ck.dp}, "to": {"tp": tp, "pp": pp, "dp": dp},
+            "method": method, "verified": verify, "checks": checks, "seconds": round(took, 3)}
 
 
 class _Progress:

@@ -139,27 +139,39 @@ def logits_diff(a, b, vocab: int) -> float:
     return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
 
 
+def check(name: str, diff: float, tolerance: float, got: float | None = None,
+          expected: float | None = None) -> dict:
+    """One verified quantity, as `--json` prints it."""
+    out = {"name": name, "max_rel_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance and math.isfinite(diff)}
+    if got is not None:
+        out.update(got=got, expected=expected)
+    return out
+
+
+def check_line(c: dict, label: str | None = None) -> str:
+    vals = f" ({c['got']:.6f} vs {c['expected']:.6f})" if "got" in c else ""
+    return (f"  {label or c['name']:17s} {'ok  ' if c['ok'] else 'FAIL'} max rel diff {c['max_rel_diff']:.2e} "
+            f"(tolerance {c['tolerance']:.0e}){vals}")
+
+
 def compare(reference: dict, got: dict, dtype: str, vocab: int, what: str, steps: bool = True,
-            tolerance: tuple | None = None) -> list[str]:
-    """Lines of the comparison; raises VerifyError when a quantity is out of tolerance."""
+            tolerance: tuple | None = None) -> list[dict]:
+    """The checks (see `check`), each printed; raises VerifyError when a quantity is out of tolerance."""
     loss_tol, logit_tol = TOLERANCE.get(dtype, TOLERANCE["float32"])
     if tolerance:
         loss_tol, logit_tol = max(loss_tol, tolerance[0]), max(logit_tol, tolerance[1])
-    rows = [("loss", rel(got["loss0"], reference["loss0"]), loss_tol, got["loss0"], reference["loss0"]),
-            ("logits", logits_diff(got["logits0"], reference["logits0"], vocab), logit_tol, None, None)]
+    checks = [check("loss", rel(got["loss0"], reference["loss0"]), loss_tol, got["loss0"], reference["loss0"]),
+              check("logits", logits_diff(got["logits0"], reference["logits0"], vocab), logit_tol)]
     if steps:
-        rows += [("next-step loss", rel(got["loss1"], reference["loss1"]), loss_tol, got["loss1"], reference["loss1"]),
-                 ("next-step logits", logits_diff(got["logits1"], reference["logits1"], vocab), logit_tol, None, None)]
-    lines, bad = [], []
-    for name, diff, tol, a, b in rows:
-        ok = diff <= tol and math.isfinite(diff)
-        vals = f" ({a:.6f} vs {b:.6f})" if a is not None else ""
-        lines.append(f"  {name:17s} {'ok  ' if ok else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e}){vals}")
-        if not ok:
-            bad.append(f"{name} differs by {diff:.2e} (tolerance {tol:.0e})")
+        checks += [check("next-step loss", rel(got["loss1"], reference["loss1"]), loss_tol, got["loss1"],
+                         reference["loss1"]),
+                   check("next-step logits", logits_diff(got["logits1"], reference["logits1"], vocab), logit_tol)]
+    print("\n".join(check_line(c) for c in checks))
+    bad = [f"{c['name']} differs by {c['max_rel_diff']:.2e} (tolerance {c['tolerance']:.0e})"
+           for c in checks if not c["ok"]]
     if bad:
         raise VerifyError(what, "verification failed: " + "; ".join(bad))
-    return lines
+    return checks
 
 
 def verify_spec(src: Source, mode: str, folder: Path, tag: str, tp: int, pp: int, dp: int, rows: int,
