@@ -5,11 +5,15 @@
   its job is a process here, watched and stopped like a local run.
 - local: `bash job.sbatch` on this machine; status from its processes; cancel touches the kill switch.
 
+`run_to_end` runs one short batch script and waits for it (preflight).
+
 The executor is chosen once: from the recipe (`executor`, `--executor`) at submission, from run.json afterwards.
 No torch import.
 """
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 from mtf_train.errors import UserError
@@ -48,6 +52,10 @@ class Executor:
         raise NotImplementedError
 
     def cancel(self, run_dir: Path, info: dict) -> int:
+        raise NotImplementedError
+
+    def run_to_end(self, script: Path, run: RunInfo, timeout_s: float, what: str) -> tuple[bool, str]:
+        """Run one batch script and wait at most `timeout_s` for it: (completed, how it ended)."""
         raise NotImplementedError
 
 
@@ -89,6 +97,26 @@ class SlurmExecutor(Executor):
         print(f"cancelled job(s) {' '.join(live)} of {run_dir}")
         return 0
 
+    def run_to_end(self, script, run, timeout_s, what):
+        deadline = time.monotonic() + timeout_s
+        job_id, error = slurm.sbatch([str(script)])
+        if job_id is None:
+            run.event(f"submit failed: {error}")
+            return False, f"sbatch failed: {error}"
+        run.update(state="submitted", job_ids=[job_id])
+        run.event(f"submitted {what} job {job_id}")
+        print(f"submitted {what} job {job_id}; waiting (at most {timeout_s:.0f}s)", flush=True)
+        state = None
+        while time.monotonic() < deadline:
+            state = slurm.job_states([job_id])[job_id]
+            if state.terminal:
+                return state.state == "COMPLETED", f"job {job_id} {state.state}"
+            time.sleep(1.0)
+        slurm.cancel([job_id])
+        last = state.state if state else "unknown"
+        run.event(f"timed out after {timeout_s:.0f}s (job {last}); cancelled")
+        return False, f"job {job_id} did not end within {timeout_s:.0f}s (last state {last}); cancelled it"
+
 
 class LocalExecutor(Executor):
     name = "local"
@@ -129,6 +157,15 @@ class LocalExecutor(Executor):
         print(f"nothing to cancel: {run_dir} has no jobs (state {info.get('state', 'unknown')})")
         return 0
 
+    def run_to_end(self, script, run, timeout_s, what):
+        run.update(state="running")
+        try:
+            proc = subprocess.run(["bash", str(script)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout_s:.0f}s"
+        return proc.returncode == 0, f"exit {proc.returncode}"
+
 
 class SubmititExecutor(Executor):
     """submitit's SLURM executor where sbatch and srun are, else its local one: its jobs are then SLURM's or a
@@ -158,6 +195,9 @@ class SubmititExecutor(Executor):
 
     def cancel(self, run_dir, info):
         return self._jobs.cancel(run_dir, info)
+
+    def run_to_end(self, script, run, timeout_s, what):  # a plain batch script: SLURM's, or a process here
+        return self._jobs.run_to_end(script, run, timeout_s, what)
 
 
 EXECUTORS = {cls.name: cls for cls in (SlurmExecutor, SubmititExecutor, LocalExecutor)}

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-
 
 import mtf_train
 from mtf_train.errors import UserError
 from mtf_train.launch import slurm
+from mtf_train.launch.executors import choose
 from mtf_train.launch.runfolder import RunInfo, create_run_folder, initial_info, runs_root
 from mtf_train.recipe.schema import Recipe
 from mtf_train.files import write_atomic
@@ -100,56 +98,25 @@ def format_summary(s: dict) -> str:
 def preflight(r: Recipe, *, executor: str | None, runs_dir: str | None, timeout_s: float, seconds: float,
               time_limit: str = "00:10:00") -> int:
     where = str(r.origin.path)
-    executor = executor or r.executor  # the recipe's executor, unless --executor says otherwise
-    if executor in ("auto", "submitit"):  # submitit has no preflight of its own: its nodes are SLURM's
-        executor = "slurm" if slurm.available("sbatch") else "local"
-    if executor == "local" and r.cluster.nodes > 1:
+    ex = choose(r, executor)  # the recipe's executor, unless --executor says otherwise
+    if ex.runs_here and r.cluster.nodes > 1:
         raise UserError(where, f"preflight without SLURM runs on this machine only; the recipe asks for "
                         f"{r.cluster.nodes} nodes (is sbatch on PATH?)", field="cluster.nodes")
+    if not ex.runs_here and not slurm.available("sbatch"):
+        raise UserError(where, f"preflight with executor {ex.name} submits a SLURM job: sbatch is not on PATH",
+                        field="executor")
 
     def fill(final: Path, staging: Path) -> None:
         render_preflight(r, final, staging, seconds=seconds, time_limit=time_limit)
         (staging / "logs").mkdir()
         info = RunInfo(staging)
-        info.write(initial_info(r.name, where, executor) | {"kind": "preflight", "nodes": r.cluster.nodes})
-        info.event(f"preflight rendered for executor {executor}")
+        info.write(initial_info(r.name, where, ex.name) | {"kind": "preflight", "nodes": r.cluster.nodes})
+        info.event(f"preflight rendered for executor {ex.name}")
 
     run_dir = create_run_folder(runs_root(runs_dir), f"{r.name}-preflight", fill)
     info = RunInfo(run_dir)
-    script = run_dir / "preflight.sbatch"
-    print(f"preflight run folder: {run_dir}", flush=True)
-    deadline = time.monotonic() + timeout_s
-    if executor == "slurm":
-        job_id, error = slurm.sbatch([str(script)])
-        if job_id is None:
-            info.update(state="failed", error=f"sbatch failed: {error}")
-            info.event(f"submit failed: {error}")
-            raise PreflightError(str(run_dir), f"sbatch failed: {error}")
-        info.update(state="submitted", job_ids=[job_id])
-        info.event(f"submitted preflight job {job_id}")
-        print(f"submitted preflight job {job_id} over {r.cluster.nodes} node(s); waiting (at most {timeout_s:.0f}s)",
-              flush=True)
-        state = None
-        while time.monotonic() < deadline:
-            state = slurm.job_states([job_id])[job_id]
-            if state.terminal:
-                break
-            time.sleep(1.0)
-        else:
-            slurm.cancel([job_id])
-            info.update(state="failed", error=f"timed out after {timeout_s:.0f}s")
-            info.event(f"timed out after {timeout_s:.0f}s (job {state.state if state else '?'}); cancelled")
-            raise PreflightError(str(run_dir), f"preflight job {job_id} did not end within {timeout_s:.0f}s "
-                                 f"(last state {state.state if state else 'unknown'}); cancelled it")
-        ok = state.state == "COMPLETED"
-        how = f"job {job_id} {state.state}"
-    else:
-        try:
-            proc = subprocess.run(["bash", str(script)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=max(1.0, deadline - time.monotonic()))
-            ok, how = proc.returncode == 0, f"exit {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            ok, how = False, f"timed out after {timeout_s:.0f}s"
+    print(f"preflight run folder: {run_dir} ({r.cluster.nodes} node(s))", flush=True)
+    ok, how = ex.run_to_end(run_dir / "preflight.sbatch", info, timeout_s, "preflight")
     result_path = run_dir / "preflight.json"
     if not ok or not result_path.exists():
         info.update(state="failed", error=how)
