@@ -14,7 +14,9 @@ only, so pyproject.toml gives Python 3.11 and older 0.16.x and Python 3.12+ 0.19
   test command;
 - `.venv-py312` (Python 3.12, constraints/py312.txt: megatron-core 0.19.2, the newest of each pin): the tests of
   the trainer, checkpoints and parity, through scripts/test-newest. CI runs both (.ci/run).
-Where the two megatron-core lines differ, the code tests for the capability, not the version, in one place.
+Where the two lines differ, the code reacts to what megatron-core does, never to its version string, each in one
+place: `megatron_without_jit_fuser` (0.17+ runs torch.compile while imported) and data/indexed.py's
+`megatron_indexed` (0.17+ logs and warns on import and per dataset).
 
 torch and lm-eval are listed for the record but not enforced: clusters bring their own CUDA build (pyproject keeps a range).
 Stdlib only: importing this module imports none of the three.
