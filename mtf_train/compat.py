@@ -2,17 +2,30 @@
 it was checked against.
 
 DeepSpeed and megatron-core change their internals between minor releases without notice. `CHECKED` lists the
-versions whose internals the entries below were read against and the suite passed with (the CPU set-up,
-constraints/cpu.txt); tests/test_compat.py fails when the installed DeepSpeed or megatron-core is not one of
-them, and when a probed name is gone. To take a new version: read each entry against its source, run the tests
-named in `tested_by`, then add the version here and move the bound in pyproject.toml.
+versions whose internals the entries below were read against and the tests passed with; tests/test_compat.py
+fails when the installed DeepSpeed or megatron-core is not one of them, when a probed name is gone, and when a
+range in pyproject.toml admits a minor release without a checked version. To take a new version: read each entry
+against its source, run the tests named in `tested_by`, then add the version here and move the bound in
+pyproject.toml.
 
-megatron-core 0.17 and later are published for Python >= 3.12 only: on Python 3.11 (CI) 0.16.1 is the newest.
+Two test environments, one per megatron-core line: megatron-core 0.17 and later are published for Python >= 3.12
+only, so pyproject.toml gives Python 3.11 and older 0.16.x and Python 3.12+ 0.19.x (environment markers).
+- `.venv` (Python 3.11, constraints/cpu.txt: megatron-core 0.16.1, CPU torch): the whole suite, the README's
+  test command;
+- `.venv-py312` (Python 3.12, constraints/py312.txt: megatron-core 0.19.2, the newest of each pin): the tests of
+  the trainer, checkpoints and parity, through scripts/test-newest. CI runs both (.ci/run).
+Where the two lines differ, the code reacts to what megatron-core does, never to its version string, each in one
+place: `megatron_without_jit_fuser` (0.17+ runs torch.compile while imported) and data/indexed.py's
+`megatron_indexed` (0.17+ logs and warns on import and per dataset).
+
 torch and lm-eval are listed for the record but not enforced: clusters bring their own CUDA build (pyproject keeps a range).
 Stdlib only: importing this module imports none of the three.
 """
 from __future__ import annotations
 
+import functools
+import importlib.abc
+import importlib.machinery
 import sys
 import types
 from dataclasses import dataclass
@@ -20,7 +33,7 @@ from importlib import metadata
 
 CHECKED = {
     "deepspeed": ("0.19.8",),
-    "megatron-core": ("0.16.1",),
+    "megatron-core": ("0.16.1", "0.19.2"),
     "torch": ("2.13.0",),
     "lm-eval": ("0.4.13",),
 }
@@ -83,6 +96,10 @@ USES = (
         "disable_jit_fuser; replaced before megatron.core is first imported", "compat.py, train/__init__.py, "
         "data/indexed.py", "skip the torch.compile import of kernels mtf-train never calls (seconds per process)",
         "tests/test_compat.py"),
+    Use("megatron-core", "0.17+: importing megatron.core runs torch.compile(function) itself (InferenceTopKRouter's "
+        "@torch.compile); deferred to the first call while the megatron.core package is imported",
+        "compat.py, train/__init__.py, data/indexed.py",
+        "the decoration alone imports torch._dynamo and inductor (2-3 s per process)", "tests/test_compat.py"),
     Use("megatron-core", "megatron.core.datasets.indexed_dataset (the .bin/.idx format)", "data/indexed.py",
         "read and write Megatron's indexed datasets", "tests/test_data_preprocess.py",
         ("megatron.core.datasets.indexed_dataset", "IndexedDataset")),
@@ -121,13 +138,16 @@ MEGATRON_JIT_NAMES = ("jit_fuser", "noop_decorator", "enable_jit_fuser", "disabl
 
 
 def megatron_without_jit_fuser() -> None:
-    """Make megatron-core's `jit_fuser` the no-op decorator before megatron.core is first imported.
+    """Make megatron-core's `jit_fuser` the no-op decorator before megatron.core is first imported, and defer any
+    `torch.compile(function)` that megatron.core's import runs itself to the function's first call.
 
     megatron/core/jit.py sets `jit_fuser = torch.compile`, and importing megatron.core decorates its fused bias-GeLU,
     SwiGLU, dropout, MoE... kernels with it, which imports torch._dynamo and inductor: 2-3 s of every rank's and
     every checkpoint tool's start, for kernels mtf-train never calls (it uses megatron's parameters and its own
     forward). With the no-op decorator (megatron's own `disable_jit_fuser()` mode, which cannot be chosen before
-    the import) they would still run, eagerly. Does nothing when megatron.core was already imported.
+    the import) they would still run, eagerly. megatron-core 0.17+ also decorates a method with `@torch.compile`
+    directly (InferenceTopKRouter), out of jit.py's reach: `_DeferCompile` covers that one, and any later one.
+    Does nothing when megatron.core was already imported.
     """
     if "megatron.core" in sys.modules or "megatron.core.jit" in sys.modules:
         return
@@ -139,3 +159,52 @@ def megatron_without_jit_fuser() -> None:
     jit.jit_fuser = jit.noop_decorator = noop_decorator
     jit.enable_jit_fuser = jit.disable_jit_fuser = lambda: None
     sys.modules["megatron.core.jit"] = jit
+    if not any(isinstance(finder, _DeferCompile) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _DeferCompile())
+
+
+class _DeferCompile(importlib.abc.MetaPathFinder):
+    """Runs the megatron.core package's import (all its submodules' imports nest inside it) with `torch.compile`
+    returning, for a plain function, a wrapper that compiles it on first call: the decoration alone would import
+    torch._dynamo and inductor. Other uses (an nn.Module) get the real torch.compile."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "megatron.core":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_with_deferred_compile(module):
+            import torch  # megatron.core's first import anyway
+
+            real = torch.compile
+            torch.compile = _deferred_compile(real)
+            try:
+                exec_module(module)
+            finally:
+                torch.compile = real
+
+        spec.loader.exec_module = exec_with_deferred_compile
+        return spec
+
+
+def _deferred_compile(real):
+    def compile_(model=None, **options):
+        if model is None:  # `@torch.compile(...)` with options
+            return lambda fn: compile_(fn, **options)
+        if not isinstance(model, types.FunctionType):
+            return real(model, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def compiles_on_first_call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return compiles_on_first_call
+
+    return compile_

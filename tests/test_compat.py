@@ -35,23 +35,46 @@ def _version(text: str) -> tuple:
     return tuple(int(x) for x in text.split("."))
 
 
+# Every Python that requires-python admits, and one past the newest release, for the environment markers.
+PYTHONS = ("3.10", "3.11", "3.12", "3.13", "3.14")
+
+
 def test_pyproject_bounds_admit_only_checked_minors():
-    """Each bound admits every checked version, and the upper one stops before the next unchecked minor."""
+    """Each Python gets one range per enforced package (environment markers split them); each range admits a
+    checked version and no minor release without one; together they admit every checked version."""
+    from packaging.markers import Marker
+
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     for package in compat.ENFORCED:
-        spec = next(d for d in deps if re.match(rf"{package}(?![\w-])", d))
-        lower, upper = re.search(r">=\s*([\d.]+)", spec), re.search(r"<\s*([\d.]+)", spec)
-        assert lower and upper, f"pyproject.toml: {spec} needs a lower and an upper bound (see mtf_train/compat.py)"
+        specs = [d for d in deps if re.match(rf"{package}(?![\w-])", d)]
         checked = sorted(_version(v) for v in compat.CHECKED[package])
-        assert _version(lower.group(1)) <= checked[0] and checked[-1] < _version(upper.group(1)), \
-            f"pyproject.toml: {spec} excludes a version in compat.CHECKED {compat.CHECKED[package]}"
-        assert _version(upper.group(1)) <= (checked[-1][0], checked[-1][1] + 1), \
-            f"pyproject.toml: {spec} admits minor releases newer than compat.CHECKED {compat.CHECKED[package]}"
+        ranges = []
+        for spec in specs:
+            requirement, _, marker = spec.partition(";")
+            lower, upper = re.search(r">=\s*([\d.]+)", requirement), re.search(r"<\s*([\d.]+)", requirement)
+            assert lower and upper, f"pyproject.toml: {spec} needs a lower and an upper bound (see mtf_train/compat.py)"
+            lower, upper = _version(lower.group(1)), _version(upper.group(1))
+            assert lower[0] == upper[0] and upper[2:] in ((), (0,)), \
+                f"pyproject.toml: {spec}: the upper bound must be a minor release (X.Y) of the lower bound's major"
+            inside = [v for v in checked if lower <= v < upper]
+            assert inside, f"pyproject.toml: {spec} admits none of compat.CHECKED {compat.CHECKED[package]}"
+            unchecked = set(range(lower[1], upper[1])) - {v[1] for v in inside}
+            assert not unchecked, (f"pyproject.toml: {spec} admits minor releases "
+                                   f"{', '.join(f'{lower[0]}.{m}' for m in sorted(unchecked))} that compat.CHECKED "
+                                   f"{compat.CHECKED[package]} lacks")
+            ranges.append((marker.strip() and Marker(marker.strip()), lower, upper))
+        for python in PYTHONS:
+            applying = [r for r in ranges if not r[0] or r[0].evaluate({"python_version": python})]
+            assert len(applying) == 1, f"pyproject.toml: {len(applying)} {package} ranges apply to Python {python}"
+        for version in checked:
+            assert any(lower <= version < upper for _, lower, upper in ranges), \
+                f"pyproject.toml: no {package} range admits {'.'.join(map(str, version))} (compat.CHECKED)"
 
 
 def test_megatron_jit_stub_matches_megatron_and_keeps_dynamo_out_of_the_trainer():
     """The stand-in for megatron/core/jit.py defines what the real file defines, and with it importing the model
-    and DeepSpeed leaves torch.compile's machinery (torch._dynamo, inductor) unimported."""
+    and DeepSpeed leaves torch.compile's machinery (torch._dynamo, inductor) unimported. megatron-core 0.17+ also
+    calls torch.compile itself while imported: deferred (compat._DeferCompile), and torch.compile is torch's again."""
     import ast
     import importlib.util
     import subprocess
@@ -67,6 +90,8 @@ def test_megatron_jit_stub_matches_megatron_and_keeps_dynamo_out_of_the_trainer(
     probe = ("import sys, mtf_train.train.model, deepspeed, megatron.core.jit as jit\n"
              "from mtf_train.data.indexed import megatron_indexed; megatron_indexed()\n"
              "f = lambda: 1\n"
-             "print(jit.jit_fuser(f) is f, 'torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules)")
+             "import torch\n"
+             "print(jit.jit_fuser(f) is f, 'torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules,\n"
+             "      torch.compile.__module__)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
-    assert out[-3:] == ["True", "False", "False"], out
+    assert out[-4:] == ["True", "False", "False", "torch"], out

@@ -1,6 +1,7 @@
 """megatron-core's indexed (.bin/.idx) datasets, imported quietly, and the inputs/targets pair of an MTF dataset."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,11 +16,23 @@ KINDS = ("inputs", "targets")
 
 
 def megatron_indexed():
-    """The megatron-core module; its import warns about missing Transformer Engine/Apex, which is noise here."""
+    """The megatron-core module, imported quietly: a data command's error stays one line. Its import warns about
+    missing Transformer Engine/Apex; 0.17+ also imports torch's cpp_extension (which logs "No CUDA runtime" on a
+    CUDA build without a GPU) and warns, for each dataset opened outside torch.distributed, that it assumes rank 0,
+    which a data process is. Each is a no-op where megatron-core does not do it."""
     megatron_without_jit_fuser()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
+    warnings.filterwarnings("ignore", message="Could not determine rank", category=UserWarning)
+    import torch  # megatron's first import anyway; before its loggers are quieted
+
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension_log.level
+    cpp_extension_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import indexed_dataset
+    finally:
+        cpp_extension_log.setLevel(level)
     return indexed_dataset
 
 
