@@ -100,6 +100,11 @@ USES = (
         "@torch.compile); deferred to the first call while the megatron.core package is imported",
         "compat.py, train/__init__.py, data/indexed.py",
         "the decoration alone imports torch._dynamo and inductor (2-3 s per process)", "tests/test_compat.py"),
+    Use("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer decorates its kernels with torch.compile while "
+        "imported (through runtime.compiler.compile()); deferred to the first call like megatron.core's",
+        "compat.py, train/__init__.py", "the engine imports it in every ZeRO/BF16 optimizer check: 1-1.5 s of "
+        "each rank's start for an optimizer mtf-train never uses", "tests/test_compat.py",
+        ("deepspeed.runtime.zero.muon.muon_optimizer", "MuonWithAuxAdam")),
     Use("megatron-core", "megatron.core.datasets.indexed_dataset (the .bin/.idx format)", "data/indexed.py",
         "read and write Megatron's indexed datasets", "tests/test_data_preprocess.py",
         ("megatron.core.datasets.indexed_dataset", "IndexedDataset")),
@@ -163,13 +168,18 @@ def megatron_without_jit_fuser() -> None:
         sys.meta_path.insert(0, _DeferCompile())
 
 
+# Modules whose import runs torch.compile(function) on kernels mtf-train never calls: megatron.core (0.17+) and
+# DeepSpeed's Muon optimizer, which every ZeRO/BF16 optimizer check imports (1-1.5 s of each rank's start).
+DEFERRED_COMPILE_IMPORTS = ("megatron.core", "deepspeed.runtime.zero.muon.muon_optimizer")
+
+
 class _DeferCompile(importlib.abc.MetaPathFinder):
-    """Runs the megatron.core package's import (all its submodules' imports nest inside it) with `torch.compile`
-    returning, for a plain function, a wrapper that compiles it on first call: the decoration alone would import
-    torch._dynamo and inductor. Other uses (an nn.Module) get the real torch.compile."""
+    """Runs the import of a module of DEFERRED_COMPILE_IMPORTS (its own imports nest inside it) with
+    `torch.compile` returning, for a plain function, a wrapper that compiles it on first call: the decoration alone
+    would import torch._dynamo and inductor. Other uses (an nn.Module) get the real torch.compile."""
 
     def find_spec(self, name, path, target=None):
-        if name != "megatron.core":
+        if name not in DEFERRED_COMPILE_IMPORTS:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -177,7 +187,7 @@ class _DeferCompile(importlib.abc.MetaPathFinder):
         exec_module = spec.loader.exec_module
 
         def exec_with_deferred_compile(module):
-            import torch  # megatron.core's first import anyway
+            import torch  # the module's first import anyway
 
             real = torch.compile
             torch.compile = _deferred_compile(real)
