@@ -15,7 +15,7 @@ only, so pyproject.toml gives Python 3.11 and older 0.16.x and Python 3.12+ 0.19
 - `.venv-py312` (Python 3.12, constraints/py312.txt: megatron-core 0.19.2, the newest of each pin): the tests of
   the trainer, checkpoints and parity, through scripts/test-newest. CI runs both (.ci/run).
 Where the two lines differ, the code reacts to what megatron-core does, never to its version string, each in one
-place: `megatron_without_jit_fuser` (0.17+ runs torch.compile while imported) and data/indexed.py's
+place: `defer_import_compiles` (torch.compile run while megatron.core or DeepSpeed's Muon is imported) and data/indexed.py's
 `megatron_indexed` (0.17+ logs and warns on import and per dataset).
 
 torch and lm-eval are listed for the record but not enforced: clusters bring their own CUDA build (pyproject keeps a range).
@@ -92,12 +92,9 @@ USES = (
         "train/model.py", "megatron's weights, init and checkpoint names with our own forward",
         "tests/test_train_model.py, tests/test_train_blocks_tp2.py",
         ("megatron.core.tensor_parallel", "set_tensor_model_parallel_attributes")),
-    Use("megatron-core", "megatron/core/jit.py defines jit_fuser, noop_decorator, enable_jit_fuser and "
-        "disable_jit_fuser; replaced before megatron.core is first imported", "compat.py, train/__init__.py, "
-        "data/indexed.py", "skip the torch.compile import of kernels mtf-train never calls (seconds per process)",
-        "tests/test_compat.py"),
-    Use("megatron-core", "0.17+: importing megatron.core runs torch.compile(function) itself (InferenceTopKRouter's "
-        "@torch.compile); deferred to the first call while the megatron.core package is imported",
+    Use("megatron-core", "importing megatron.core runs torch.compile(function): jit.py's `jit_fuser = torch.compile` "
+        "on its fused kernels, and 0.17+'s InferenceTopKRouter @torch.compile; deferred to the first call while the "
+        "megatron.core package is imported",
         "compat.py, train/__init__.py, data/indexed.py",
         "the decoration alone imports torch._dynamo and inductor (2-3 s per process)", "tests/test_compat.py"),
     Use("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer decorates its kernels with torch.compile while "
@@ -139,31 +136,17 @@ def version_problems() -> list[str]:
     return problems
 
 
-MEGATRON_JIT_NAMES = ("jit_fuser", "noop_decorator", "enable_jit_fuser", "disable_jit_fuser")
-
-
-def megatron_without_jit_fuser() -> None:
-    """Make megatron-core's `jit_fuser` the no-op decorator before megatron.core is first imported, and defer any
-    `torch.compile(function)` that megatron.core's import runs itself to the function's first call.
+def defer_import_compiles() -> None:
+    """Before megatron.core or DeepSpeed's Muon optimizer is imported: make the torch.compile(function) their import
+    runs compile on the function's first call instead (see `_DeferCompile`).
 
     megatron/core/jit.py sets `jit_fuser = torch.compile`, and importing megatron.core decorates its fused bias-GeLU,
-    SwiGLU, dropout, MoE... kernels with it, which imports torch._dynamo and inductor: 2-3 s of every rank's and
-    every checkpoint tool's start, for kernels mtf-train never calls (it uses megatron's parameters and its own
-    forward). With the no-op decorator (megatron's own `disable_jit_fuser()` mode, which cannot be chosen before
-    the import) they would still run, eagerly. megatron-core 0.17+ also decorates a method with `@torch.compile`
-    directly (InferenceTopKRouter), out of jit.py's reach: `_DeferCompile` covers that one, and any later one.
-    Does nothing when megatron.core was already imported.
+    SwiGLU, dropout, MoE... kernels with it (0.17+ also decorates InferenceTopKRouter directly); DeepSpeed's engine
+    imports Muon, whose kernels are decorated the same way, in every ZeRO/BF16 optimizer check. The decoration
+    alone imports torch._dynamo and inductor: seconds of every rank's and every data or checkpoint tool's start, for
+    kernels mtf-train never calls (it uses megatron's parameters with its own forward, and AdamW). Called again, or
+    after those modules were imported, it does nothing.
     """
-    if "megatron.core" in sys.modules or "megatron.core.jit" in sys.modules:
-        return
-    jit = types.ModuleType("megatron.core.jit", "megatron-core's jit module with the fuser off (mtf_train.compat)")
-
-    def noop_decorator(func):
-        return func
-
-    jit.jit_fuser = jit.noop_decorator = noop_decorator
-    jit.enable_jit_fuser = jit.disable_jit_fuser = lambda: None
-    sys.modules["megatron.core.jit"] = jit
     if not any(isinstance(finder, _DeferCompile) for finder in sys.meta_path):
         sys.meta_path.insert(0, _DeferCompile())
 

@@ -9,7 +9,7 @@ from functools import cached_property
 
 import numpy as np
 
-from mtf_train.compat import megatron_without_jit_fuser
+from mtf_train.compat import defer_import_compiles
 from mtf_train.data.errors import DataError
 
 KINDS = ("inputs", "targets")
@@ -20,7 +20,7 @@ def megatron_indexed():
     missing Transformer Engine/Apex; 0.17+ also imports torch's cpp_extension (which logs "No CUDA runtime" on a
     CUDA build without a GPU) and warns, for each dataset opened outside torch.distributed, that it assumes rank 0,
     which a data process is. Each is a no-op where megatron-core does not do it."""
-    megatron_without_jit_fuser()
+    defer_import_compiles()
     warnings.filterwarnings("ignore", message="Could not determine rank", category=UserWarning)
     import torch  # megatron's first import anyway; before its loggers are quieted
 
