@@ -162,5 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `mtf-train` console script: `main`, then the process ends without the interpreter's teardown
+    (mtf_train/process.py)."""
+    from mtf_train.process import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

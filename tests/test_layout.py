@@ -1,5 +1,5 @@
 """The package layout: imports follow the flow recipe -> plan -> render -> launch, with data and train below and
-ckpt beside; rules, files and errors are leaves. Read from the source (ast), so it costs no import and sees the
+ckpt beside; rules, files, errors, compat and process are leaves. Read from the source (ast), so it costs no import and sees the
 imports inside functions too."""
 from __future__ import annotations
 
@@ -15,22 +15,22 @@ PKG = Path(__file__).resolve().parents[1] / "mtf_train"
 
 # What each part of mtf_train may import from the others (its own modules always). A name is a package or a
 # module (`recipe.schema`); `mtf_train` itself (its __version__) is open to all. Top-level modules count as parts.
-LEAVES = {"errors": (), "files": (), "rules": (), "compat": ()}
+LEAVES = {"errors": (), "files": (), "rules": (), "compat": (), "process": ()}
 ALLOWED = {
     **LEAVES,
     # the recipe and its derived shape; data for path files and the data check, the eval task catalogue for names
     "recipe": ("errors", "files", "rules", "data.pathfile", "data.indexed", "data.errors", "eval.tasks"),
     "plan": ("errors", "rules", "recipe"),
     "render": ("errors", "files", "rules", "recipe", "plan", "data.pathfile", "eval.job"),
-    "launch": ("errors", "files", "rules", "recipe", "plan", "render", "eval.report"),
+    "launch": ("errors", "files", "rules", "process", "recipe", "plan", "render", "eval.report"),
     # below: the recipe's schema and shape, never the plan, rendering or launching
-    "data": ("errors", "files", "rules", "compat", "recipe.schema", "recipe.shape", "recipe.load", "recipe.yamlio",
+    "data": ("errors", "files", "rules", "compat", "process", "recipe.schema", "recipe.shape", "recipe.load", "recipe.yamlio",
              "eval.tasks"),
     # the trainer writes and reads checkpoints in the format ckpt/ defines
-    "train": ("errors", "files", "rules", "compat", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
+    "train": ("errors", "files", "rules", "compat", "process", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
               "ckpt.safe", "ckpt.torchzip"),
     # beside the trainer: the model, its names and its data; a recipe only for its cluster's job directives
-    "ckpt": ("errors", "files", "rules", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),
+    "ckpt": ("errors", "files", "rules", "process", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),
     "eval": ("errors", "files", "rules", "recipe.schema", "recipe.yamlio", "recipe.directives", "plan", "ckpt"),
     "cli": ("*",),
 }

@@ -6,6 +6,6 @@ torch.save files without loading them whole, and writing files tensor by tensor;
 allowlist and CRC checks; `client`: the client state in either form; `errors`); the direct reshape's parts
 (`source`: what a checkpoint is; `zero`: DeepSpeed's ZeRO layout reproduced; `fragments`: the source's
 optimizer states read fragment by fragment; `direct`: writing the new checkpoint) and the workers that run the
-real model under `torch.distributed.run` to verify (`worker`, `verify`). Importing this package imports no
+real model, one process per rank, to verify (`worker`, `verify`). Importing this package imports no
 torch.
 """

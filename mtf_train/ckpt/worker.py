@@ -1,4 +1,4 @@
-"""`python -m mtf_train.ckpt.worker SPEC.json` under torch.distributed.run: the real model at one shape.
+"""`python -m mtf_train.ckpt.worker SPEC.json`, one process per rank (`verify.run_ranks`): the real model at one shape.
 
 Builds BLOOM with the trainer's own `build_engine` (megatron-core TP layers in DeepSpeed's PipelineModule, the
 trainer's optimizer grouping, a DeepSpeed engine), then, by `spec["mode"]`:
@@ -157,4 +157,6 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from mtf_train.process import exit_now
+
+    exit_now(main(sys.argv[1]))

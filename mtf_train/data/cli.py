@@ -236,4 +236,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtf_train.process import exit_now
+
+    exit_now(main())

@@ -19,4 +19,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtf_train.process import exit_now
+
+    exit_now(main())
