@@ -160,7 +160,7 @@ def test_exit_paths_save_and_exit_zero(tmp_path, how):
 
 
 def test_exit_duration_saves_and_exits_zero(tmp_path):
-    run, proc = start_job(tmp_path, "training.exit_duration_in_mins=0.25")
+    run, proc = start_job(tmp_path, "training.exit_duration_in_mins=0.1")  # 6 s of steps after start-up
     out = finish(run, proc, timeout=180)
     assert "(exit duration) after saving" in out
 
