@@ -64,8 +64,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override (with --recipe)")
     p.add_argument("--here", action="store_true", help="run here whatever the size (what a rendered job does)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (the checks with their numbers) on "
-                   "stdout; progress goes to stderr")
+    _json_flag(p)
     p.set_defaults(func=cmd_reshape)
 
     p = sub.add_parser("export-hf", help="a transformers BloomForCausalLM folder, verified",
@@ -78,8 +77,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as saved)")
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file (default: %(default)s)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
-    p.add_argument("--json", action="store_true", help="print one JSON object (the checks with their numbers) on "
-                   "stdout; progress goes to stderr")
+    _json_flag(p)
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import-hf", help="a transformers BLOOM folder into our layout, verified",
@@ -94,10 +92,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="training precision the checkpoint is for (bfloat16: BF16 optimizer, ZeRO-1)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
-    p.add_argument("--json", action="store_true", help="print one JSON object (the checks with their numbers) on "
-                   "stdout; progress goes to stderr")
+    _json_flag(p)
     p.set_defaults(func=cmd_import_hf)
     return ckpt
+
+
+def _json_flag(p) -> None:
+    """The conversions' --json: what the tests and scripts read instead of the human lines."""
+    p.add_argument("--json", action="store_true", help="print one JSON object (the checks with their numbers) on "
+                   "stdout; progress goes to stderr")
 
 
 def _prepare() -> None:

@@ -183,13 +183,13 @@ def check_hf_logits(hf_dir: Path, batch: tuple, ours, vocab: int, tol: float, *,
     """transformers' logits on the fixed batch (seq, vocab, seed) against ours over the first `vocab` columns;
     prints `line` (its {cls}: the transformers class) with the result and returns the check (named
     "transformers logits"); raises VerifyError when out of `tol`."""
-    from mtf_train.ckpt.verify import check, fixed_batch, logits_diff
+    from mtf_train.ckpt.verify import check, check_status, fixed_batch, logits_diff
 
     ids, _, _ = fixed_batch(1, *batch, single_segment=True)
     theirs, cls = hf_logits(hf_dir, ids[:, :-1])
     diff = logits_diff(theirs, ours, vocab) if relative_to_ours else logits_diff(ours, theirs, vocab)
     c = dict(check("transformers logits", diff, tol), transformers_class=cls)
-    print(line.format(cls=cls) + f"{'ok' if c['ok'] else 'FAIL'} max rel diff {diff:.2e} (tolerance {tol:.0e})")
+    print(line.format(cls=cls) + check_status(c))
     if not c["ok"]:
         raise VerifyError(where, f"verification failed: {failure} differ by {diff:.2e} (tolerance {tol:.0e}); "
                           f"logs in {scratch}")

@@ -180,10 +180,15 @@ def check(name: str, diff: float, tolerance: float, got: float | None = None,
     return out
 
 
-def check_line(c: dict, label: str | None = None) -> str:
+def check_status(c: dict) -> str:
+    """`ok   max rel diff 1.2e-06 (tolerance 1e-04)`: a check's outcome as every human line shows it."""
     vals = f" ({c['got']:.6f} vs {c['expected']:.6f})" if "got" in c else ""
-    return (f"  {label or c['name']:17s} {'ok  ' if c['ok'] else 'FAIL'} max rel diff {c['max_rel_diff']:.2e} "
-            f"(tolerance {c['tolerance']:.0e}){vals}")
+    return (f"{'ok  ' if c['ok'] else 'FAIL'} max rel diff {c['max_rel_diff']:.2e} (tolerance {c['tolerance']:.0e})"
+            f"{vals}")
+
+
+def check_line(c: dict, label: str | None = None) -> str:
+    return f"  {label or c['name']:17s} {check_status(c)}"
 
 
 def compare(reference: dict, got: dict, dtype: str, vocab: int, what: str, steps: bool = True,
