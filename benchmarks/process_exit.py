@@ -3,8 +3,9 @@ against the plain way, each a fresh process, alternated, on the same machine:
 
 - end: import what every trainer rank imports (the trainer loop, torch._dynamo through the optimizer), then end
   the process as Python does (interpreter teardown) or with `mtf_train.process.exit_now`;
-- ranks: a 2-process gloo job (init, barrier, destroy) started by `python -m torch.distributed.run --standalone`
-  or by `mtf_train.ckpt.verify.run_ranks`, which the checkpoint tools' verification runs use.
+- ranks: a 2-rank gloo job whose ranks import what a trainer rank imports (init, barrier, destroy), started by
+  `python -m torch.distributed.run --standalone` (each rank imports) or by `python -m mtf_train.ranks`, which
+  imports once and forks the ranks on a CPU-only torch (the job script without SLURM, verification runs).
 
 CPU time is user + system of the process tree (os.wait4's rusage of the children). Usage:
   .venv/bin/python benchmarks/process_exit.py [--repeats N]
@@ -29,37 +30,49 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS
 RANK_IMPORTS = "import sys, torch, torch._dynamo, mtf_train.train.loop\n"
 END = {"teardown": RANK_IMPORTS + "sys.exit(0)\n",
        "exit_now": RANK_IMPORTS + "from mtf_train.process import exit_now; exit_now(0)\n"}
-GLOO = ("import torch.distributed as dist\n"
-        "dist.init_process_group('gloo', init_method='env://'); dist.barrier(); dist.destroy_process_group()\n")
+# The ranks' program: a module with PRELOAD and main(argv), as mtf_train.train and mtf_train.ckpt.worker are.
+GLOO_RANK = """import importlib
+PRELOAD = ("torch._dynamo", "mtf_train.train.loop")
+def main(argv):
+    for name in PRELOAD:
+        importlib.import_module(name)
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method="env://"); dist.barrier(); dist.destroy_process_group()
+    return 0
+if __name__ == "__main__":
+    from mtf_train.process import exit_now
+    exit_now(main([]))
+"""
 LAUNCH = {"torchrun": "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-m', "
                       "'torch.distributed.run', '--standalone', '--nnodes', '1', '--nproc_per_node', '2', "
-                      "'--max_restarts', '0', sys.argv[1]], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))\n",
-          "run_ranks": "import subprocess, sys; from pathlib import Path; from mtf_train.ckpt.verify import run_ranks\n"
-                       "sys.exit(run_ranks([sys.executable, sys.argv[1]], 2, dict(__import__('os').environ), "
-                       "subprocess.DEVNULL, Path('.')))\n"}
+                      "'--max_restarts', '0', '-m', 'gloo_rank'], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))\n",
+          "mtf_train.ranks": "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-m', 'mtf_train.ranks', "
+                             "'--nproc_per_node', '2', '-m', 'gloo_rank'], stdout=subprocess.DEVNULL, "
+                             "stderr=subprocess.STDOUT))\n"}
 
 
-def cpu_of(code: str, *args: str) -> tuple[float, float]:
-    """(CPU seconds of the whole process tree, wall seconds)."""
+def cpu_of(code: str, path: str = "") -> tuple[float, float]:
+    """(CPU seconds of the whole process tree, wall seconds); `path` goes on PYTHONPATH."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, check=True, stdout=subprocess.DEVNULL,
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, (path, str(ROOT), ENV.get("PYTHONPATH")))))
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
-def compare(title: str, cases: dict[str, str], repeats: int, *args: str) -> None:
+def compare(title: str, cases: dict[str, str], repeats: int, path: str = "") -> None:
     for code in cases.values():
-        cpu_of(code, *args)  # warm the page cache
+        cpu_of(code, path)  # warm the page cache
     got = {name: [] for name in cases}
     for _ in range(repeats):
         for name, code in cases.items():
-            got[name].append(cpu_of(code, *args))
+            got[name].append(cpu_of(code, path))
     med = {name: (statistics.median(c for c, _ in r), statistics.median(w for _, w in r)) for name, r in got.items()}
     for name, (c, w) in med.items():
-        print(f"{title:6s} {name:10s}: median CPU {c:5.2f} s, wall {w:5.2f} s over {repeats}")
+        print(f"{title:6s} {name:15s}: median CPU {c:5.2f} s, wall {w:5.2f} s over {repeats}")
     (base, ours) = list(med)
     print(f"{title:6s} ratio {ours} / {base}: CPU {med[ours][0] / med[base][0]:.2f}, "
           f"wall {med[ours][1] / med[base][1]:.2f} (saves {med[base][0] - med[ours][0]:.2f} CPU s per start)")
@@ -74,9 +87,8 @@ def main() -> None:
           f"megatron-core {metadata.version('megatron-core')}")
     compare("end", END, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "gloo_rank.py"
-        script.write_text(GLOO)
-        compare("ranks", LAUNCH, args.repeats, str(script))
+        (Path(tmp) / "gloo_rank.py").write_text(GLOO_RANK)
+        compare("ranks", LAUNCH, args.repeats, tmp)
 
 
 if __name__ == "__main__":

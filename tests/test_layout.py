@@ -18,6 +18,8 @@ PKG = Path(__file__).resolve().parents[1] / "mtf_train"
 LEAVES = {"errors": (), "files": (), "rules": (), "compat": (), "process": ()}
 ALLOWED = {
     **LEAVES,
+    # one machine's ranks of a program: it imports the program by name, not by an import statement
+    "ranks": ("process",),
     # the recipe and its derived shape; data for path files and the data check, the eval task catalogue for names
     "recipe": ("errors", "files", "rules", "data.pathfile", "data.indexed", "data.errors", "eval.tasks"),
     "plan": ("errors", "rules", "recipe"),
@@ -30,7 +32,7 @@ ALLOWED = {
     "train": ("errors", "files", "rules", "compat", "process", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
               "ckpt.safe", "ckpt.torchzip"),
     # beside the trainer: the model, its names and its data; a recipe only for its cluster's job directives
-    "ckpt": ("errors", "files", "rules", "process", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),
+    "ckpt": ("errors", "files", "rules", "process", "ranks", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),
     "eval": ("errors", "files", "rules", "recipe.schema", "recipe.yamlio", "recipe.directives", "plan", "ckpt"),
     "cli": ("*",),
 }

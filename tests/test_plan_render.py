@@ -157,7 +157,9 @@ def test_render_176b_external_runtime_carries_every_2022_argument(tmp_path):
                  "export HF_DATASETS_OFFLINE=1", "export TRANSFORMERS_OFFLINE=1", "MASTER_PORT=6001",
                  "srun --wait=60 --kill-on-bad-exit=1", "--rdzv_backend c10d", "--max_restarts 0 --tee 3",
                  "--nproc_per_node 8", 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1',
-                 "TORCHELASTIC_ERROR_FILE"):
+                 "TORCHELASTIC_ERROR_FILE",
+                 # alone (no SLURM), the external trainer runs under torchrun too
+                 "-u -m torch.distributed.run --nproc_per_node 8 --standalone --nnodes 1 --max_restarts 0 --tee 3)"):
         assert line in script, line
     # Path files are rebased onto data.root.
     text = (out / "data_paths/xp3capmixnewcodelong_validation.txt").read_text()
@@ -170,6 +172,8 @@ def test_render_176b_builtin_runtime_follows_current_deepspeed(tmp_path):
     mtf("render", str(RECIPES / "bloomz-176b.yaml"), "-o", str(out), check=True)
     # Launches stay asynchronous unless a recipe asks for the 2022 hang workaround.
     assert "CUDA_LAUNCH_BLOCKING" not in (out / "job.sbatch").read_text()
+    # Without SLURM the built-in trainer's ranks start through mtf_train.ranks (torchrun on SLURM nodes).
+    assert "-u -m mtf_train.ranks --nproc_per_node 8)" in (out / "job.sbatch").read_text()
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"] == {"stage": 1} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
     args = as_pairs(program_args((out / "job.sbatch").read_text()))
@@ -253,17 +257,19 @@ def test_recipe_strings_reaching_the_shell_stay_literal(tmp_path):
     assert subprocess.run(["bash", "-n", str(out / "job.sbatch")]).returncode == 0
     # Run the rendered environment block and the argument arrays, then print what bash made of them.
     env_block = "\n".join(ln for ln in script.splitlines() if ln.startswith("export "))
-    arrays = re.search(r"^LAUNCHER=\(.*?\)$", script, re.M | re.S).group(0)
+    launchers = re.findall(r"^\s*(LAUNCHER=\(.*?\))$", script, re.M | re.S)
+    assert len(launchers) == 2  # torchrun on SLURM nodes, mtf_train.ranks alone
     program = re.search(r"^PROGRAM=\(.*?\)$", script, re.M | re.S).group(0)
-    probe = (f"RDZV=(); FIRST_RUN=(); JOB=1; RUN_DIR=.\n{env_block}\n{arrays}\n{program}\n"
-             'printf "%s\\n" "$EVIL" "${LAUNCHER[0]}"; for a in "${PROGRAM[@]}"; do printf "%s\\n" "$a"; done\n')
+    probe = (f"FIRST_RUN=(); JOB=1; RUN_DIR=.\n{env_block}\n{program}\n" + "".join(
+             f'{launcher}\nprintf "%s\\n" "${{LAUNCHER[0]}}"\n' for launcher in launchers) +
+             'printf "%s\\n" "$EVIL"; for a in "${PROGRAM[@]}"; do printf "%s\\n" "$a"; done\n')
     work = tmp_path / "sandbox"
     work.mkdir()
     res = subprocess.run(["bash", "-c", probe], cwd=work, capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0] == EVIL
-    assert lines[1] == "/opt/py thon/" + EVIL
+    assert lines[:2] == ["/opt/py thon/" + EVIL] * 2
+    assert lines[2] == EVIL
     assert EVIL in lines  # the tokenizer argument
     assert list(work.iterdir()) == []  # nothing was executed
     assert f"--container-image={EVIL}" in shlex.split(re.search(r"^  srun (.*)\\$", script, re.M).group(1))

@@ -1,40 +1,111 @@
-"""How processes start and end: `verify.run_ranks` (the verification runs' ranks, as torchrun starts them) and
-`process.exit_now` (entry points end without the interpreter's teardown, losing nothing)."""
+"""How processes start and end: `mtf_train.ranks` (one machine's ranks, as torchrun starts them, sharing one
+import) and `process.exit_now` (entry points end without the interpreter's teardown, losing nothing)."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from mtf_train.ckpt.verify import run_ranks
-
 pytestmark = pytest.mark.unit
 
-RANK_ENV = ("import os; print(os.environ['RANK'], os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE'], "
-            "os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'], flush=True)")
+# A program for the launcher: PRELOAD names `heavy`, which records every process that imports it; main prints
+# the rank's environment and arguments, or does what $ACT says.
+HEAVY = "import os, pathlib\npathlib.Path(os.environ['OUT'], f'imported-{os.getpid()}').touch()\n"
+PROBE = """
+import os, signal, sys, time
+PRELOAD = ("heavy",)
+def main(argv):
+    r, act = int(os.environ["RANK"]), os.environ.get("ACT", "")
+    if act == "fail" and r == 1:
+        return 3
+    if act in ("fail", "sleep"):
+        time.sleep(600)
+    if act == "term":
+        signal.signal(signal.SIGTERM, lambda *_: (open(os.path.join(os.environ["OUT"], f"term-{r}"), "w").close(),
+                                                  sys.exit(0)))
+        open(os.path.join(os.environ["OUT"], f"ready-{r}"), "w").close()
+        time.sleep(600)
+    os.write(1, " ".join(map(str, (r, os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"],
+             os.environ["MASTER_PORT"], os.getppid(), "heavy" in sys.modules, repr(argv)))).encode() + b"\\n")  # one write
+    return 0
+if __name__ == "__main__":  # spawned ranks run `python -m probe ARGS`
+    sys.exit(main(sys.argv[1:]))
+"""
 
 
-def test_ranks_get_torchruns_environment(tmp_path):
-    with open(tmp_path / "log", "w") as fh:
-        assert run_ranks([sys.executable, "-c", RANK_ENV], 3, {}, fh, tmp_path) == 0
-    rows = sorted(line.split() for line in (tmp_path / "log").read_text().splitlines())
+def launcher(tmp_path: Path, world: int, *args: str, act: str = "", thread: bool = False) -> subprocess.Popen:
+    (tmp_path / "heavy.py").write_text(HEAVY + ("import threading, time\nthreading.Thread(target=time.sleep, "
+                                                "args=(600,), daemon=True).start()\n" if thread else ""))
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OUT=str(tmp_path),
+               ACT=act)
+    return subprocess.Popen([sys.executable, "-m", "mtf_train.ranks", "--nproc_per_node", str(world), "-m", "probe",
+                             f"--tag={tmp_path}", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["fork", "spawn-when-a-thread-is-left"])
+def test_ranks_get_torchruns_environment_and_share_one_import(tmp_path, thread):
+    proc = launcher(tmp_path, 3, "--lr", "1e-4", "-m", "x", thread=thread)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    rows = sorted(line.split(None, 7) for line in out.splitlines())
     assert [r[:4] for r in rows] == [[str(i), str(i), "3", "127.0.0.1"] for i in range(3)]
     assert len({r[4] for r in rows}) == 1 and int(rows[0][4]) > 0  # one rendezvous port for all
+    assert {r[7] for r in rows} == {repr([f"--tag={tmp_path}", "--lr", "1e-4", "-m", "x"])}  # the program's arguments, as given
+    importers = {int(p.name.removeprefix("imported-")) for p in tmp_path.glob("imported-*")}
+    if not thread:  # forked: the launcher imported PRELOAD once, and every rank is its child and has it
+        assert importers == {proc.pid} and {int(r[5]) for r in rows} == {proc.pid} and {r[6] for r in rows} == {"True"}
+    else:  # a preload that leaves a thread: fresh processes, said once
+        assert "threads after importing probe: starting fresh processes" in err
+        assert {r[6] for r in rows} == {"False"}
 
 
 def test_first_failing_rank_stops_the_others(tmp_path):
     """Rank 1 fails at once; rank 0 would wait for it forever (as a rank in a collective does)."""
-    code = "import os, sys, time; r = int(os.environ['RANK']); time.sleep(600) if r == 0 else sys.exit(3)"
     start = time.monotonic()
-    with open(tmp_path / "log", "w") as fh:
-        assert run_ranks([sys.executable, "-c", code], 2, {}, fh, tmp_path) == 3
-    assert time.monotonic() - start < 30
-    with open(tmp_path / "log", "w") as fh, pytest.raises(subprocess.TimeoutExpired):
-        run_ranks([sys.executable, "-c", "import time; time.sleep(600)"], 2, {}, fh, tmp_path, timeout=1)
-    out = subprocess.run(["pgrep", "-f", "time.sleep\\(600\\)"], capture_output=True, text=True).stdout
-    assert out == "", "a rank outlived run_ranks"
+    proc = launcher(tmp_path, 2, act="fail")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - start < 60  # 1 whatever the rank's code, as torchrun
+    assert "mtf_train.ranks: rank 1 exited with code 3; the other ranks were stopped" in err
+    assert not alive(tmp_path)
+
+
+def alive(tmp_path: Path) -> str:
+    """The pids of this test's launcher and ranks."""
+    return subprocess.run(["pgrep", "-f", "--", f"-m probe --tag={tmp_path}( |$)"], capture_output=True,
+                          text=True).stdout
+
+
+def wait_for(cond, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_signals_reach_the_ranks_and_a_killed_launcher_leaves_none(tmp_path):
+    proc = launcher(tmp_path, 2, act="term")
+    wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 2, "ranks ready")
+    proc.send_signal(signal.SIGTERM)  # as torchrun: passed to every rank, whose handlers save and exit 0
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0 and sorted(p.name for p in tmp_path.glob("term-*")) == ["term-0", "term-1"]
+
+    proc = launcher(tmp_path, 2, act="sleep")
+    wait_for(lambda: len(alive(tmp_path).split()) == 3, "launcher and 2 ranks")
+    proc.kill()  # no chance to clean up: the ranks die with it (parent-death signal)
+    proc.communicate(timeout=60)
+    wait_for(lambda: alive(tmp_path) == "", "ranks outlived their launcher", timeout=10)
+
+
+def test_the_launcher_refuses_a_command_without_a_module():
+    proc = subprocess.run([sys.executable, "-m", "mtf_train.ranks", "--nproc_per_node", "2"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "-m MODULE is required" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_exit_now_keeps_the_exit_code_and_everything_written(tmp_path):

@@ -122,17 +122,18 @@ def finish(run: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
 
 
 def trainer_pids(batch_shell: int) -> list[int]:
-    """The training processes: children of torch.distributed.run, itself under the batch shell."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    """The training processes: the children of the launcher (mtf_train.ranks), itself under the batch shell."""
+    out = subprocess.run(["ps", "-ww", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     rows = [line.split(None, 2) for line in out.splitlines()]
     children: dict[int, list[tuple[int, str]]] = {}
     for pid, ppid, args in rows:
         children.setdefault(int(ppid), []).append((int(pid), args))
-    found, todo = [], [batch_shell]
+    found, todo = [], [(batch_shell, "")]
     while todo:
-        for pid, args in children.get(todo.pop(), []):
-            todo.append(pid)
-            if "mtf_train.train" in args and "torch.distributed.run" not in args:
+        parent, parent_args = todo.pop()
+        for pid, args in children.get(parent, []):
+            todo.append((pid, args))
+            if "mtf_train.train" in args and "mtf_train.ranks" in parent_args:
                 found.append(pid)
     return found
 

@@ -1,5 +1,5 @@
 """Verification runs: the real model (megatron-core layers, DeepSpeed pipeline engine), one process per rank
-as torchrun would start them (`run_ranks`), at a checkpoint's shape, on a fixed batch.
+started by mtf_train.ranks, at a checkpoint's shape, on a fixed batch.
 
 `run_worker(spec)` writes the spec, launches `python -m mtf_train.ckpt.worker` with tp*pp*dp processes and
 returns the worker's results: the loss and the logits of a fixed row after loading, the loss of one training
@@ -13,9 +13,9 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from mtf_train import ranks
 from mtf_train.ckpt.errors import VerifyError
 from mtf_train.ckpt.layout import human, mem_available
 from mtf_train.ckpt.source import Source
@@ -108,48 +108,14 @@ def _run_worker(spec: dict, workdir: Path, timeout: float | None, label: str) ->
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     log = workdir / f"{name}.log"
-    with open(log, "w") as fh:
-        code = run_ranks([sys.executable, "-m", "mtf_train.ckpt.worker", str(spec_path)], world, env, fh, workdir,
-                         timeout)
+    with open(log, "w") as fh:  # on a timeout or Ctrl-C run() kills the launcher, and its ranks die with it
+        code = subprocess.run(ranks.command(world, "mtf_train.ckpt.worker", str(spec_path)), stdout=fh,
+                              stderr=subprocess.STDOUT, cwd=str(workdir), env=env, timeout=timeout).returncode
     if code != 0 or not Path(spec["result"]).exists():
         tail = _error_line(log.read_text(errors="replace"))
         raise VerifyError(name, f"the {world}-process run at tp {spec['tp']} x pp {spec['pp']} x dp "
                           f"{spec.get('dp', 1)} failed: {tail} (log: {log})")
     return torch.load(spec["result"], weights_only=True)
-
-
-def run_ranks(cmd: list[str], world: int, env: dict, out, cwd: Path, timeout: float | None = None) -> int:
-    """`world` processes of `cmd` on this machine with the environment torchrun --standalone gives its ranks
-    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT); their output to the file `out`. The first rank to fail
-    stops the others. torchrun itself would cost a second process importing torch for every verification run;
-    here it has nothing to do that this loop does not (one node, no restarts)."""
-    import socket
-    import time
-
-    with socket.socket() as s:  # a free port for rank 0's TCPStore
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = dict(env, WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", NODE_RANK="0",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs = [subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(cwd),
-                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                return failed[0]
-            if all(c == 0 for c in codes):
-                return 0
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            time.sleep(0.05)
-    finally:
-        for p in procs:  # after a failure, a timeout or Ctrl-C: no rank is left waiting for the others
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def _error_line(text: str) -> str:

@@ -1,4 +1,5 @@
-"""`python -m mtf_train.ckpt.worker SPEC.json`, one process per rank (`verify.run_ranks`): the real model at one shape.
+"""`python -m mtf_train.ckpt.worker SPEC.json`, one process per rank (started by mtf_train.ranks): the real model at
+one shape.
 
 Builds BLOOM with the trainer's own `build_engine` (megatron-core TP layers in DeepSpeed's PipelineModule, the
 trainer's optimizer grouping, a DeepSpeed engine), then, by `spec["mode"]`:
@@ -16,6 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+# What mtf_train.ranks imports once before it forks the ranks (see main).
+PRELOAD = ("mtf_train.ckpt.verify", "mtf_train.train.checkpoint", "mtf_train.train.engine", "mtf_train.train.feed",
+           "mtf_train.train.model", "torch._dynamo")
 
 def load_hf_weights(model, hf_dir: str, num_layers: int, padded_vocab: int, tp: int, tp_rank: int) -> None:
     """This stage's parameters from a transformers BLOOM folder (safetensors), split for `tp_rank`."""
@@ -46,7 +50,8 @@ def load_hf_weights(model, hf_dir: str, num_layers: int, padded_vocab: int, tp: 
             param.copy_(shard.to(param.dtype))
 
 
-def main(spec_path: str) -> int:
+def main(argv: list[str]) -> int:
+    (spec_path,) = argv
     import torch
     import torch.distributed as dist
 
@@ -159,4 +164,4 @@ def main(spec_path: str) -> int:
 if __name__ == "__main__":
     from mtf_train.process import exit_now
 
-    exit_now(main(sys.argv[1]))
+    exit_now(main(sys.argv[1:]))

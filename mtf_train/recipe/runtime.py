@@ -28,6 +28,11 @@ class Runtime:
         """What the launcher runs, before the trainer's arguments."""
         raise NotImplementedError
 
+    def standalone_launcher(self, python: str, nproc: int) -> list[str]:
+        """What starts `nproc` ranks of `program()` on one machine without SLURM."""
+        return [python, "-u", "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+                "--nnodes", "1", "--max_restarts", "0", "--tee", "3"]
+
     def refusals(self) -> list[tuple[str, str]]:
         """(field, reason) for each recipe setting this trainer does not have: refused rather than ignored."""
         return []
@@ -51,6 +56,10 @@ class BuiltinRuntime(Runtime):
 
     def program(self) -> list[str]:
         return ["-m", "mtf_train.train"]
+
+    def standalone_launcher(self, python: str, nproc: int) -> list[str]:
+        # mtf_train.ranks: on a CPU machine the ranks share one import of torch, DeepSpeed and megatron-core
+        return [python, "-u", "-m", "mtf_train.ranks", "--nproc_per_node", str(nproc)]
 
     def refusals(self) -> list[tuple[str, str]]:
         m, r = self.r.model, self.r

@@ -116,11 +116,13 @@ def render_job(r: Recipe, shape: Shape, plan: Plan, run_dir: str | os.PathLike,
 
     # SLURM's pre-timeout signal goes to the batch shell (B:), which turns it into the kill switch.
     d = directives(r, output=f"{run_dir}/logs/%x-%j.out", signal=f"B:USR1@{c.signal_margin_s}")
+    python = r.runtime.python or sys.executable
     script = template_env().get_template("job.sbatch.j2").render(
         version=mtf_train.__version__, recipe_path=str(r.origin.path), directives=d.lines(), gpus_per_node=c.gpus_per_node,
         run_dir=str(run_dir), setup=r.environment.setup, env=job_env(r),
         max_failures=MAX_FAILURES, save=str(save), first_run=ta.first_run, first_load=ta.first_load or str(save),
-        master_port=c.master_port, python=r.runtime.python or sys.executable, program=runtime(r).program(), common_lines=lines,
+        master_port=c.master_port, python=python, program=runtime(r).program(), common_lines=lines,
+        standalone_launcher=runtime(r).standalone_launcher(python, c.gpus_per_node),
         srun_options=srun_options(r), train_iters=shape.train_iters)
     job = put("job.sbatch", script, mode=0o755)
     eval_script = None

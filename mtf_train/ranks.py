@@ -1,0 +1,197 @@
+"""`python -m mtf_train.ranks --nproc_per_node N -m MODULE ARGS...`: one machine's ranks of a torch.distributed
+program, as `torchrun --standalone` starts them, for less. The job script uses it for the built-in trainer when
+it runs without SLURM (the local default); the checkpoint tools use it for their verification runs.
+
+Every rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, NODE_RANK,
+MASTER_ADDR=127.0.0.1 and one free MASTER_PORT; OMP_NUM_THREADS=1 unless set) and runs `MODULE.main(ARGS)`.
+
+How the ranks start:
+- fork, where torch is a CPU build (the local default, the tests): this process imports the modules MODULE lists
+  in `PRELOAD` (torch, DeepSpeed, megatron-core: 4-5 s of CPU for each process that imports them) once, then
+  forks the ranks, which share those pages. That is safe because nothing has run yet: no op, no process group,
+  no device, and no thread besides this one (checked; with another thread the ranks are spawned instead).
+- spawn, where torch is built with CUDA or ROCm: DeepSpeed's import asks the accelerator about its devices, and a
+  forked child cannot use a driver its parent initialised; every rank is a fresh `python -m MODULE ARGS`.
+
+Supervision as torchrun's: SIGTERM, SIGINT and SIGHUP to this process go to every rank (a signal ignored here, as
+SIGINT under `mtf-train`'s local runs, stays ignored by the ranks); the first rank to fail stops the others with
+SIGKILL (its peers are gone, so there is nothing left to save: the last complete checkpoint stays) and the exit
+code is 1, as torchrun's, whatever the rank's (which the last line on stderr names), so the job script and
+`mtf-train` see the same failure under either launcher. A rank dies with this process (Linux's parent-death signal),
+so killing the launcher never leaves ranks behind.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from mtf_train.process import exit_now
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PROG = "mtf_train.ranks"
+
+
+def command(world: int, module: str, *args: str) -> list[str]:
+    """The command line that runs `module`'s main(args) on `world` ranks of this machine."""
+    return [sys.executable, "-m", PROG, "--nproc_per_node", str(world), "-m", module, *args]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun --standalone sets for local rank `rank` of `world` on one node."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "GROUP_RANK": "0", "NODE_RANK": "0", "ROLE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # rank 0's TCPStore binds it next
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torch_has_gpu_build() -> bool:
+    """Whether the installed torch has CUDA or ROCm libraries, found without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return any(lib.glob("libtorch_cuda*.so*")) or any(lib.glob("libtorch_hip*.so*"))
+
+
+def _die_with_parent(launcher: int) -> None:
+    """Linux: SIGKILL this process when the launcher dies (prctl PR_SET_PDEATHSIG), or now if it already has."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != launcher:
+        os._exit(128 + signal.SIGKILL)
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+class Ranks:
+    """The started ranks (pids) and their supervision."""
+
+    def __init__(self, module: str, args: list[str], world: int):
+        self.module, self.args, self.world = module, args, world
+        self.pids: dict[int, int] = {}  # pid -> rank
+        self.mode, self.file = "spawn", ""
+
+    def start(self) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks on one machine
+        port = free_port()
+        main = None
+        if not torch_has_gpu_build():
+            mod = importlib.import_module(_main_module(self.module))
+            for name in getattr(mod, "PRELOAD", ()):
+                importlib.import_module(name)
+            if _threads() == 1:
+                main, self.mode, self.file = mod.main, "fork", mod.__file__
+            else:
+                print(f"{PROG}: {_threads()} threads after importing {self.module}: starting fresh processes",
+                      file=sys.stderr, flush=True)
+        for rank in range(self.world):
+            env = rank_env(rank, self.world, port)
+            launcher = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                if main is not None:
+                    self._run_forked(main, launcher, env)
+                _die_with_parent(launcher)  # spawn: handlers reset by exec, ignored signals stay ignored
+                os.execve(sys.executable, [sys.executable, "-m", self.module, *self.args], {**os.environ, **env})
+            self.pids[pid] = rank
+
+    def _run_forked(self, main, launcher: int, env: dict[str, str]) -> None:
+        code = 1
+        try:
+            for sig in FORWARDED:  # the launcher's handlers are not the rank's
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+            _die_with_parent(launcher)
+            os.environ.update(env)
+            sys.argv = [self.file, *self.args]
+            code = main(self.args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            exit_now(code)
+
+    def forward(self, signum, _frame) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def wait(self) -> int:
+        """Until every rank ended (0), or the first failed (1; the others are killed then)."""
+        live = dict(self.pids)
+        while live:
+            pid, status = os.waitpid(-1, 0)
+            if pid not in live:
+                continue
+            del live[pid]
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code
+            if code != 0:
+                for other in live:
+                    try:
+                        os.kill(other, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                for other in live:
+                    os.waitpid(other, 0)
+                print(f"{PROG}: rank {self.pids[pid]} exited with code {code}; the other ranks were stopped",
+                      file=sys.stderr, flush=True)
+                return 1
+        return 0
+
+
+def _main_module(module: str) -> str:
+    """The module `python -m MODULE` runs: a package's __main__."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise SystemExit(f"{PROG}: error: no module named {module}")
+    return module + ".__main__" if spec.submodule_search_locations else module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", usage=f"python -m {PROG} --nproc_per_node N -m MODULE ARGS...",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, required=True, help="ranks to start")
+    # Everything after `-m MODULE` is the program's (its options are not this parser's business).
+    cut = argv.index("-m") if "-m" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    if cut + 1 >= len(argv):
+        p.error("-m MODULE is required (a module with a main(argv))")
+    if a.nproc_per_node < 1:
+        p.error("--nproc_per_node must be at least 1")
+    ranks = Ranks(argv[cut + 1], argv[cut + 2:], a.nproc_per_node)
+    for sig in FORWARDED:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, ranks.forward)
+    ranks.start()
+    return ranks.wait()
+
+
+if __name__ == "__main__":
+    exit_now(main())
