@@ -89,7 +89,7 @@ def worker_groups(items: list[pytest.Item]) -> dict[str, str]:
     return {item.nodeid.split("::")[0]: find(item.nodeid.split("::")[0]) for item in items}
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker and before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if not any(item.get_closest_marker(t) for t in TIERS):
@@ -102,3 +102,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                               for item in items}
     if os.environ.get("MTF_TEST_TIERS_DUMP"):  # the child collection of tests/test_tiers.py
         Path(os.environ["MTF_TEST_TIERS_DUMP"]).write_text(json.dumps(config.stash[TIER_KEY]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """The controller: each worker's tests, with the group its worker put into every node id, are all the
+    scheduler sees. When that does nothing (pytest-xdist#1386, pytest 9.2), modules that share a trained fixture
+    train it once per worker and a module's tests run out of order: refuse rather than run slowly."""
+    if node.config.getvalue("dist") == "loadgroup" and ids and not all("@" in i for i in ids):
+        pytest.exit(f"pytest-xdist did not group the tests ({next(i for i in ids if '@' not in i)} has no "
+                    f"@group): pytest {pytest.__version__} with this pytest-xdist, see pytest-xdist#1386; "
+                    "./scripts/setup installs a pytest that works with it", returncode=4)
