@@ -1,5 +1,6 @@
-"""Tensor and pipeline parallelism on gloo: the scripts under tests/dist run under torch.distributed.run and
-compare TP/PP runs against the TP=1, PP=1 model with the same weights (fp32, tolerance 1e-5)."""
+"""Tensor and pipeline parallelism on gloo: the scripts under tests/dist run on several ranks (mtf_train.ranks,
+as the trainer on one machine; torchrun itself is exercised by the SLURM tests) and compare TP/PP runs against
+the TP=1, PP=1 model with the same weights (fp32, tolerance 1e-5)."""
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ DIST = Path(__file__).parent / "dist"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(nproc: int, script: str, *args: str, timeout: float = 240) -> None:
+def run_ranks(nproc: int, script: str, *args: str, timeout: float = 240) -> None:
+    """tests/dist/`script`'s main(args) on `nproc` ranks."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(DIST)]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(DIST / script), *args]
+    cmd = [sys.executable, "-m", "mtf_train.ranks", "--nproc_per_node", str(nproc), "-m", Path(script).stem, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (
         f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
@@ -25,7 +26,7 @@ def torchrun(nproc: int, script: str, *args: str, timeout: float = 240) -> None:
 
 def test_tp2_matches_tp1(tmp_path):
     out = tmp_path / "tp.json"
-    torchrun(2, "tp_parity.py", str(out))
+    run_ranks(2, "tp_parity.py", str(out))
     report = json.loads(out.read_text())
     assert report["ok"]
     assert report["local_vocab"] == 128  # each rank really holds half the vocabulary
@@ -43,7 +44,7 @@ def test_tp2_matches_tp1(tmp_path):
 def test_pipeline_matches_plain_model(tmp_path, tp, pp, dp, universal):
     out = tmp_path / "pipe.json"
     world = tp * pp * dp
-    torchrun(world, "pipe_parity.py", str(tp), str(pp), str(out), *(["universal"] if universal else []))
+    run_ranks(world, "pipe_parity.py", str(tp), str(pp), str(out), *(["universal"] if universal else []))
     reports = json.loads(out.read_text())
     assert len(reports) == world and all(r["ok"] for r in reports)
     for r in reports:
@@ -76,7 +77,7 @@ def test_chunked_head_loss_matches_logits_path_tp1_tp2(tmp_path):
     full-logits path in loss and every parameter's gradient at TP=1 and TP=2, fp32 and bf16, with and without
     --norm-target-loss; the pipeline engine's last stage then keeps hidden states, not logits."""
     out = tmp_path / "loss.json"
-    torchrun(2, "loss_parity.py", str(out))
+    run_ranks(2, "loss_parity.py", str(out))
     report = json.loads(out.read_text())
     assert report["ok"], report
     cases = {(c["tp"], c["dtype"], c["norm"]): c for c in report["cases"]}

@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node 2: at TP=2 a transformer block traces to one graph without breaks in every
+"""`python -m mtf_train.ranks --nproc_per_node 2 -m blocks_tp2 OUT`:
+at TP=2 a transformer block traces to one graph without breaks in every
 recompute mode (the TP all-reduces are functional collectives inside the graph), and the compiled blocks'
 outputs and gradients equal the eager ones. Compiled with AOTAutograd's eager backend: it traces and partitions
 exactly what inductor gets, collectives included, without minutes of C++ compilation on two CPU processes
@@ -36,7 +37,7 @@ def forward_backward(blocks, x0, seg, run=_block_forward):
     return [y.detach(), x.grad] + [p.grad for block in blocks for p in block.parameters()]
 
 
-def main(out_path: str) -> None:
+def check(out_path: str) -> None:
     state = parallel.init_parallel(tp=2)
     seg = prepare_batch(*packed_rows())[3]
     x0 = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(3))  # the same on both ranks
@@ -64,5 +65,9 @@ def main(out_path: str) -> None:
     dist.barrier()
 
 
+def main(argv: list[str]) -> None:  # as mtf_train.ranks calls it
+    check(*argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

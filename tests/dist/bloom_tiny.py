@@ -1,4 +1,4 @@
-"""Tiny BLOOM shapes, weights and packed batches shared by the model tests and the torchrun scripts."""
+"""Tiny BLOOM shapes, weights and packed batches shared by the model tests and the multi-rank scripts."""
 from __future__ import annotations
 
 import torch

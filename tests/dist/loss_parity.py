@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node 2: the chunked LM head + cross entropy (`BloomLoss`, logits at target positions
+"""`python -m mtf_train.ranks --nproc_per_node 2 -m loss_parity OUT`:
+the chunked LM head + cross entropy (`BloomLoss`, logits at target positions
 only) against the full-logits path (megatron's `vocab_parallel_cross_entropy`), at TP=1 and TP=2, fp32 and
 bf16, with and without norm-target-loss: same loss and same gradient for every parameter. Then one step of
 DeepSpeed's pipeline engine at TP=2: its last stage keeps hidden states, not logits, in its buffers.
@@ -41,7 +42,7 @@ def compare(model, batch, norm: bool, dtype) -> dict:
             "grad_rel": max(rel), "grad_dtype": str(next(model.parameters()).grad.dtype)}
 
 
-def main(out_path: str) -> None:
+def check(out_path: str) -> None:
     config = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
     batch = micro_batches(1)[0]
     cases = []
@@ -84,5 +85,9 @@ def main(out_path: str) -> None:
     sys.exit(0 if report["ok"] else 1)
 
 
+def main(argv: list[str]) -> None:  # as mtf_train.ranks calls it
+    check(*argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

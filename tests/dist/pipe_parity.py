@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node TP*PP*DP: DeepSpeed's pipeline engine (`train_batch`, 1F1B, 2 micro batches per
+"""`python -m mtf_train.ranks --nproc_per_node TP*PP*DP -m pipe_parity TP PP OUT [universal]`:
+DeepSpeed's pipeline engine (`train_batch`, 1F1B, 2 micro batches per
 DP rank) over `BloomPipeline` at TP x PP x DP gives the same losses for two optimizer steps as the plain TP=1
 model trained by hand with the same weights and SGD on all DP ranks' batches (DP = world / (TP*PP), each
 DP rank feeding its own micro batches). Also checks the layer partition, the layer-file names and that
@@ -107,7 +108,7 @@ def universal_check(config, state, full_state, batches, out_dir) -> dict:
     return holder[0]
 
 
-def main(tp: int, pp: int, out_path: str, universal: bool = False) -> None:
+def check(tp: int, pp: int, out_path: str, universal: bool = False) -> None:
     config = tiny_config(num_layers=4, checkpoint_activations=True)
     dp = int(os.environ["WORLD_SIZE"]) // (tp * pp)
     batches = micro_batches(STEPS * MICRO * dp)
@@ -188,5 +189,9 @@ def main(tp: int, pp: int, out_path: str, universal: bool = False) -> None:
     sys.exit(0 if all(r["ok"] for r in gathered) else 1)
 
 
+def main(argv: list[str]) -> None:  # as mtf_train.ranks calls it
+    check(int(argv[0]), int(argv[1]), argv[2], universal=argv[3:] == ["universal"])
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], universal=sys.argv[4:] == ["universal"])
+    main(sys.argv[1:])

@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node 2: a TP=2 model with weights split from a TP=1 model gives the same logits, loss
+"""`python -m mtf_train.ranks --nproc_per_node 2 -m tp_parity OUT`:
+a TP=2 model with weights split from a TP=1 model gives the same logits, loss
 and (merged) gradients; and one step of DeepSpeed's (non-pipeline) engine with `MegatronMPU` and active
 gradient clipping updates the TP=2 shards exactly like clipped SGD on the TP=1 model (the clip norm needs the
 adapter's model-parallel group and megatron's tensor-parallel attributes to count every gradient once).
@@ -31,7 +32,7 @@ def run(model, batch):
     return logits.detach(), loss.detach(), grads
 
 
-def main(out_path: str) -> None:
+def check(out_path: str) -> None:
     config = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
     batch = micro_batches(1)[0]
 
@@ -104,5 +105,9 @@ def main(out_path: str) -> None:
     sys.exit(0 if ok else 1)
 
 
+def main(argv: list[str]) -> None:  # as mtf_train.ranks calls it
+    check(*argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
