@@ -91,42 +91,40 @@ class Ranks:
     def __init__(self, module: str, args: list[str], world: int):
         self.module, self.args, self.world = module, args, world
         self.pids: dict[int, int] = {}  # pid -> rank
-        self.mode, self.file = "spawn", ""
 
     def start(self) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks on one machine
         port = free_port()
-        main = None
+        mod = None
         if not torch_has_gpu_build():
             mod = importlib.import_module(_main_module(self.module))
             for name in getattr(mod, "PRELOAD", ()):
                 importlib.import_module(name)
-            if _threads() == 1:
-                main, self.mode, self.file = mod.main, "fork", mod.__file__
-            else:
+            if _threads() > 1:
                 print(f"{PROG}: {_threads()} threads after importing {self.module}: starting fresh processes",
                       file=sys.stderr, flush=True)
+                mod = None
+        launcher = os.getpid()
         for rank in range(self.world):
             env = rank_env(rank, self.world, port)
-            launcher = os.getpid()
             pid = os.fork()
             if pid == 0:
-                if main is not None:
-                    self._run_forked(main, launcher, env)
-                _die_with_parent(launcher)  # spawn: handlers reset by exec, ignored signals stay ignored
-                os.execve(sys.executable, [sys.executable, "-m", self.module, *self.args], {**os.environ, **env})
+                self._child(mod, launcher, env)
             self.pids[pid] = rank
 
-    def _run_forked(self, main, launcher: int, env: dict[str, str]) -> None:
+    def _child(self, mod, launcher: int, env: dict[str, str]) -> None:
+        """A rank: `mod.main(args)` here (forked), or a fresh `python -m MODULE ARGS` (spawned). Never returns."""
         code = 1
         try:
-            for sig in FORWARDED:  # the launcher's handlers are not the rank's
+            for sig in FORWARDED:  # the launcher's handlers are not the rank's; an ignored signal stays ignored
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
             _die_with_parent(launcher)
+            if mod is None:
+                os.execve(sys.executable, [sys.executable, "-m", self.module, *self.args], {**os.environ, **env})
             os.environ.update(env)
-            sys.argv = [self.file, *self.args]
-            code = main(self.args)
+            sys.argv = [mod.__file__, *self.args]
+            code = mod.main(self.args)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:
@@ -169,7 +167,8 @@ def _main_module(module: str) -> str:
     """The module `python -m MODULE` runs: a package's __main__."""
     spec = importlib.util.find_spec(module)
     if spec is None:
-        raise SystemExit(f"{PROG}: error: no module named {module}")
+        print(f"python -m {PROG}: error: no module named {module}", file=sys.stderr)
+        raise SystemExit(2)
     return module + ".__main__" if spec.submodule_search_locations else module
 
 

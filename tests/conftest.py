@@ -5,7 +5,7 @@ tiny checkpoints shared by every module that needs the same training run (tests/
 
 Tiers (markers registered in pyproject.toml; tests/test_tiers.py checks that every test has exactly one):
 - `cluster`: uses the `slurm_cluster` fixture;
-- `e2e`: starts the real trainer (torchrun + DeepSpeed, `mtf-train run`, a job script) or uses a trained
+- `e2e`: starts the real trainer (its ranks + DeepSpeed, `mtf-train run`, a job script) or uses a trained
   checkpoint fixture; listed below by module (or by test, where a module mixes tiers);
 - `unit`: everything else: in-process checks and short CLI calls (`pytest -m unit` runs in under 2 minutes).
 A marker written on the test itself (or a module's `pytestmark`) wins over these rules.
