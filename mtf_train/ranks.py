@@ -98,10 +98,14 @@ class Ranks:
         mod = None
         if not torch_has_gpu_build():
             mod = importlib.import_module(_main_module(self.module))
+            if not callable(getattr(mod, "main", None)):
+                print(f"python -m {PROG}: error: {self.module} has no main(argv) to run", file=sys.stderr)
+                raise SystemExit(2)
             for name in getattr(mod, "PRELOAD", ()):
                 importlib.import_module(name)
-            if _threads() > 1:
-                print(f"{PROG}: {_threads()} threads after importing {self.module}: starting fresh processes",
+            threads = _threads()
+            if threads > 1:
+                print(f"{PROG}: {threads} threads after importing {self.module}: starting fresh processes",
                       file=sys.stderr, flush=True)
                 mod = None
         launcher = os.getpid()
@@ -166,10 +170,13 @@ class Ranks:
 def _main_module(module: str) -> str:
     """The module `python -m MODULE` runs: a package's __main__."""
     spec = importlib.util.find_spec(module)
+    if spec is not None and spec.submodule_search_locations:
+        module += ".__main__"
+        spec = importlib.util.find_spec(module)
     if spec is None:
         print(f"python -m {PROG}: error: no module named {module}", file=sys.stderr)
         raise SystemExit(2)
-    return module + ".__main__" if spec.submodule_search_locations else module
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:

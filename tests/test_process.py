@@ -102,10 +102,14 @@ def test_signals_reach_the_ranks_and_a_killed_launcher_leaves_none(tmp_path):
     wait_for(lambda: alive(tmp_path) == "", "ranks outlived their launcher", timeout=10)
 
 
-def test_the_launcher_refuses_a_command_without_a_module():
+def test_the_launcher_refuses_a_command_without_a_runnable_module():
     proc = subprocess.run([sys.executable, "-m", "mtf_train.ranks", "--nproc_per_node", "2"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "-m MODULE is required" in proc.stderr and "Traceback" not in proc.stderr
+    for module, error in (("string", "string has no main(argv) to run"), ("json", "no module named json.__main__")):
+        proc = subprocess.run([sys.executable, "-m", "mtf_train.ranks", "--nproc_per_node", "2", "-m", module],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"python -m mtf_train.ranks: error: {error}"
 
 
 def test_exit_now_keeps_the_exit_code_and_everything_written(tmp_path):

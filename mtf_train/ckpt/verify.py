@@ -119,7 +119,7 @@ def _run_worker(spec: dict, workdir: Path, timeout: float | None, label: str) ->
 
 
 def _error_line(text: str) -> str:
-    lines = [x.strip() for x in text.splitlines() if x.strip() and "ChildFailedError" not in x]
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
     for line in reversed(lines):
         for key in ("Error:", "Error ", "error:", "Exception:"):
             if key in line:

@@ -21,6 +21,7 @@ from pathlib import Path
 PRELOAD = ("mtf_train.ckpt.verify", "mtf_train.train.checkpoint", "mtf_train.train.engine", "mtf_train.train.feed",
            "mtf_train.train.model", "torch._dynamo")
 
+
 def load_hf_weights(model, hf_dir: str, num_layers: int, padded_vocab: int, tp: int, tp_rank: int) -> None:
     """This stage's parameters from a transformers BLOOM folder (safetensors), split for `tp_rank`."""
     import torch
