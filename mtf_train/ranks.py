@@ -19,10 +19,16 @@ SIGKILL (its peers are gone, so there is nothing left to save: the last complete
 code is 1, as torchrun's, whatever the rank's (which the last line on stderr names), so the job script and
 `mtf-train` see the same failure under either launcher. A rank dies with this process (Linux's parent-death signal),
 so killing the launcher never leaves ranks behind.
+
+`run(world, module, args, log=...)` does the same for a caller in this process (the checkpoint tools' verification
+runs): with a CPU build of torch and no thread besides the caller's, the ranks fork from the caller, which imports
+PRELOAD once for all its runs; otherwise it runs `python -m mtf_train.ranks` as a subprocess.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -30,6 +36,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -78,6 +85,12 @@ def _die_with_parent(launcher: int) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+def _has_process_group() -> bool:
+    """Whether this process joined a torch.distributed group (its ranks must not inherit that)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
 def _threads() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
@@ -88,29 +101,39 @@ def _threads() -> int:
 class Ranks:
     """The started ranks (pids) and their supervision."""
 
-    def __init__(self, module: str, args: list[str], world: int):
+    def __init__(self, module: str, args: list[str], world: int, output: int | None = None,
+                 cwd: str | None = None, env: dict[str, str] | None = None, caller: bool = False):
         self.module, self.args, self.world = module, args, world
+        self.output, self.cwd, self.env = output, cwd, env or {}  # a rank's stdout and stderr, folder, environment
+        self.caller = caller  # forked from a caller (`run`), not from this module's own launcher process
         self.pids: dict[int, int] = {}  # pid -> rank
 
-    def start(self) -> None:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks on one machine
+    def importable(self):
+        """The program's module with its PRELOAD imported here, when the ranks can fork from this process
+        (a CPU build of torch, no thread besides this one before and after the imports); else None."""
+        if torch_has_gpu_build() or _threads() > 1 or _has_process_group():
+            return None
+        mod = importlib.import_module(_main_module(self.module))
+        if not callable(getattr(mod, "main", None)):
+            print(f"python -m {PROG}: error: {self.module} has no main(argv) to run", file=sys.stderr)
+            raise SystemExit(2)
+        for name in getattr(mod, "PRELOAD", ()):
+            importlib.import_module(name)
+        threads = _threads()
+        if threads > 1:
+            print(f"{PROG}: {threads} threads after importing {self.module}: starting fresh processes",
+                  file=sys.stderr, flush=True)
+            return None
+        return mod
+
+    def start(self, mod) -> None:
+        """Fork the ranks: each runs `mod.main(args)`, or `python -m MODULE ARGS` when `mod` is None."""
         port = free_port()
-        mod = None
-        if not torch_has_gpu_build():
-            mod = importlib.import_module(_main_module(self.module))
-            if not callable(getattr(mod, "main", None)):
-                print(f"python -m {PROG}: error: {self.module} has no main(argv) to run", file=sys.stderr)
-                raise SystemExit(2)
-            for name in getattr(mod, "PRELOAD", ()):
-                importlib.import_module(name)
-            threads = _threads()
-            if threads > 1:
-                print(f"{PROG}: {threads} threads after importing {self.module}: starting fresh processes",
-                      file=sys.stderr, flush=True)
-                mod = None
         launcher = os.getpid()
+        for stream in (sys.stdout, sys.stderr):  # else a child writes what this process had buffered, again
+            stream.flush()
         for rank in range(self.world):
-            env = rank_env(rank, self.world, port)
+            env = {**self.env, **rank_env(rank, self.world, port)}
             pid = os.fork()
             if pid == 0:
                 self._child(mod, launcher, env)
@@ -124,9 +147,18 @@ class Ranks:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
             _die_with_parent(launcher)
+            if self.caller:
+                atexit._clear()  # the caller's exit handlers (its temporary folders) are not the rank's
+            if self.output is not None:
+                os.dup2(self.output, 1)
+                os.dup2(self.output, 2)
+            if self.cwd:
+                os.chdir(self.cwd)
             if mod is None:
                 os.execve(sys.executable, [sys.executable, "-m", self.module, *self.args], {**os.environ, **env})
             os.environ.update(env)
+            if "torch" in sys.modules:  # imported before OMP_NUM_THREADS was the rank's (a caller's torch)
+                sys.modules["torch"].set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
             sys.argv = [mod.__file__, *self.args]
             code = mod.main(self.args)
         except SystemExit as e:
@@ -143,28 +175,106 @@ class Ranks:
             except ProcessLookupError:
                 pass
 
-    def wait(self) -> int:
-        """Until every rank ended (0), or the first failed (1; the others are killed then)."""
+    def wait(self, timeout: float | None = None) -> int:
+        """Until every rank ended (0), or the first failed (1; the others are killed then). Only the ranks are
+        reaped (a caller's other children are its own business); past `timeout` seconds every rank is killed and
+        TimeoutError raised, as on any exception here (Ctrl-C in a caller)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         live = dict(self.pids)
-        while live:
-            pid, status = os.waitpid(-1, 0)
-            if pid not in live:
-                continue
-            del live[pid]
-            code = os.waitstatus_to_exitcode(status)
-            code = 128 - code if code < 0 else code
-            if code != 0:
-                for other in live:
-                    try:
-                        os.kill(other, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                for other in live:
-                    os.waitpid(other, 0)
-                print(f"{PROG}: rank {self.pids[pid]} exited with code {code}; the other ranks were stopped",
-                      file=sys.stderr, flush=True)
-                return 1
-        return 0
+        try:
+            while live:
+                ended = [(pid, status) for pid, status in map(_reap, live) if pid]
+                if not ended:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"{self.module} on {self.world} ranks: not done within {timeout:.0f} s")
+                    time.sleep(0.02)
+                    continue
+                for pid, status in ended:
+                    del live[pid]
+                    code = os.waitstatus_to_exitcode(status)
+                    code = 128 - code if code < 0 else code
+                    if code != 0:
+                        self._kill(live)
+                        live = {}
+                        print(f"{PROG}: rank {self.pids[pid]} exited with code {code}; the other ranks were stopped",
+                              file=sys.stderr if self.output is None else _Fd(self.output), flush=True)
+                        return 1
+            return 0
+        finally:
+            self._kill(live)
+
+    @staticmethod
+    def _kill(live) -> None:
+        for pid in live:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in live:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+class _Fd:
+    """print()'s file for a raw descriptor."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _output_to(fd: int):
+    """This process's stdout and stderr (the descriptors, so C-level writes too) go to `fd` for a while."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for x in saved:
+            os.close(x)
+
+
+def _reap(pid: int) -> tuple[int, int]:
+    """(pid, wait status) when `pid` has ended, else (0, 0)."""
+    return os.waitpid(pid, os.WNOHANG)
+
+
+def run(world: int, module: str, args: list[str], log, cwd=None, env: dict[str, str] | None = None,
+        timeout: float | None = None) -> int:
+    """`module`'s main(args) on `world` ranks of this machine for a caller in this process; every rank's output
+    goes to the file `log`. The exit code as the launcher's (0, or 1 when a rank failed); TimeoutError past
+    `timeout` (the ranks are killed). See the module docstring for when the ranks fork from here."""
+    import subprocess
+
+    with open(log, "ab") as fh:
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+        ranks = Ranks(module, list(args), world, output=fh.fileno(), cwd=None if cwd is None else str(cwd), env=env,
+                      caller=True)
+        with _output_to(fh.fileno()):  # what the imports print (library warnings) is the ranks' log's, not the caller's
+            mod = ranks.importable()
+        if mod is None:
+            try:
+                return subprocess.run(command(world, module, *args), stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
+                                      env={**os.environ, **env}, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"{module} on {world} ranks: not done within {timeout:.0f} s") from None
+        ranks.start(mod)
+        return ranks.wait(timeout)
 
 
 def _main_module(module: str) -> str:
@@ -191,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("-m MODULE is required (a module with a main(argv))")
     if a.nproc_per_node < 1:
         p.error("--nproc_per_node must be at least 1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks on one machine
     ranks = Ranks(argv[cut + 1], argv[cut + 2:], a.nproc_per_node)
     for sig in FORWARDED:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, ranks.forward)
-    ranks.start()
+    ranks.start(ranks.importable())
     return ranks.wait()
 
 

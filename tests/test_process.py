@@ -129,3 +129,61 @@ exit_now(7)
     assert proc.returncode == 7 and proc.stdout == "buffered", proc
     assert "logged" in (tmp_path / "log").read_text()
     assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
+
+
+CALLER = """
+import atexit, os, sys, threading, time
+from pathlib import Path
+from mtf_train import ranks
+out = Path(os.environ["OUT"])
+if sys.argv[1] == "thread":
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+atexit.register(lambda: open(out / f"atexit-{os.getpid()}", "w").close())
+sys.stdout.write("caller line\\n")  # still buffered when the ranks fork: printed once, by the caller
+for n in (1, 2):
+    code = ranks.run(2, "probe", [f"--tag={out}", f"run{n}"], out / "log", cwd=out / "cwd", env={"ACT": ""})
+    print("code", code)
+os.environ["ACT"] = "fail"
+print("code", ranks.run(2, "probe", [f"--tag={out}"], out / "fail.log", env={"ACT": "fail"}))
+try:
+    ranks.run(2, "probe", [f"--tag={out}"], out / "slow.log", env={"ACT": "sleep"}, timeout=2)
+except TimeoutError as err:
+    print("timeout", err)
+try:
+    os.waitpid(-1, os.WNOHANG)
+    print("a child is left")
+except ChildProcessError:
+    print("no child left")
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["forked-from-the-caller", "subprocess-when-a-thread-runs"])
+def test_run_from_a_caller(tmp_path, thread):
+    """`ranks.run`, as the checkpoint tools call it: the ranks fork from the caller (which imports PRELOAD once for
+    all its runs) unless a thread runs there; their output goes to the log; the caller's buffered output and exit
+    handlers stay the caller's; a failed rank gives 1, a timeout kills the ranks."""
+    (tmp_path / "heavy.py").write_text(HEAVY)
+    (tmp_path / "probe.py").write_text(PROBE.replace('os.write(1, " ".join(', 'print(os.getcwd(), flush=True)\n    os.write(1, " ".join('))
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "caller.py").write_text(CALLER)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(tmp_path / "caller.py"), "thread" if thread else "-"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "caller line" and lines[1:4] == ["code 0", "code 0", "code 1"], proc.stdout
+    assert lines[4].startswith("timeout probe on 2 ranks: not done within 2 s") and lines[5:] == ["no child left"]
+    assert proc.stderr == ""  # what the imports and the ranks print is in the logs
+    log = (tmp_path / "log").read_text().splitlines()
+    rows = sorted(line.split(None, 7) for line in log if not line.startswith("/"))
+    assert [r[:3] for r in rows] == [["0", "0", "2"], ["0", "0", "2"], ["1", "1", "2"], ["1", "1", "2"]], log
+    assert sorted(r[7] for r in rows) == sorted(2 * [repr([f"--tag={tmp_path}", f"run{n}"]) for n in (1, 2)])
+    assert {line for line in log if line.startswith("/")} == {str(tmp_path / "cwd")}
+    assert "rank 1 exited with code 3; the other ranks were stopped" in (tmp_path / "fail.log").read_text()
+    importers = {p.name for p in tmp_path.glob("imported-*")}
+    caller_pid = [p.name.removeprefix("atexit-") for p in tmp_path.glob("atexit-*")]
+    assert len(caller_pid) == 1  # the caller's exit handler ran once, in the caller
+    if thread:  # each run's launcher imported it, and the caller never did
+        assert len(importers) == 4 and f"imported-{caller_pid[0]}" not in importers
+    else:
+        assert importers == {f"imported-{caller_pid[0]}"} and {r[6] for r in rows} == {"True"}

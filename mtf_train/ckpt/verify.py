@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 from mtf_train import ranks
@@ -105,12 +104,12 @@ def _run_worker(spec: dict, workdir: Path, timeout: float | None, label: str) ->
     spec_path = workdir / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     world = world_of(spec)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
-    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    env = {"PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "1")}
     log = workdir / f"{name}.log"
-    with open(log, "w") as fh:  # on a timeout or Ctrl-C run() kills the launcher, and its ranks die with it
-        code = subprocess.run(ranks.command(world, "mtf_train.ckpt.worker", str(spec_path)), stdout=fh,
-                              stderr=subprocess.STDOUT, cwd=str(workdir), env=env, timeout=timeout).returncode
+    log.write_bytes(b"")
+    # Forked from this process where it can (its imports then serve every run of this command); on a timeout or
+    # Ctrl-C the ranks are killed.
+    code = ranks.run(world, "mtf_train.ckpt.worker", [str(spec_path)], log, cwd=workdir, env=env, timeout=timeout)
     if code != 0 or not Path(spec["result"]).exists():
         tail = _error_line(log.read_text(errors="replace"))
         raise VerifyError(name, f"the {world}-process run at tp {spec['tp']} x pp {spec['pp']} x dp "
