@@ -5,7 +5,10 @@ against the plain way, each a fresh process, alternated, on the same machine:
   the process as Python does (interpreter teardown) or with `mtf_train.process.exit_now`;
 - ranks: a 2-rank gloo job whose ranks import what a trainer rank imports (init, barrier, destroy), started by
   `python -m torch.distributed.run --standalone` (each rank imports) or by `python -m mtf_train.ranks`, which
-  imports once and forks the ranks on a CPU-only torch (the job script without SLURM, verification runs).
+  imports once and forks the ranks on a CPU-only torch (the job script without SLURM);
+- caller: a command that has imported torch (as `mtf-train ckpt reshape` has) runs two such jobs, 2 ranks then 1
+  (a verification at the source's shape and at the new one): one `python -m mtf_train.ranks` subprocess per job,
+  or `mtf_train.ranks.run`, whose ranks fork from the caller after it imported their modules once.
 
 CPU time is user + system of the process tree (os.wait4's rusage of the children). Usage:
   .venv/bin/python benchmarks/process_exit.py [--repeats N]
@@ -50,6 +53,12 @@ LAUNCH = {"torchrun": "import subprocess, sys; sys.exit(subprocess.call([sys.exe
                              "'--nproc_per_node', '2', '-m', 'gloo_rank'], stdout=subprocess.DEVNULL, "
                              "stderr=subprocess.STDOUT))\n"}
 
+CALLER = {"subprocess": "import subprocess, sys, torch\nfrom mtf_train import ranks\nfor n in (2, 1):\n"
+                        "    assert subprocess.call(ranks.command(n, 'gloo_rank'), stdout=subprocess.DEVNULL, "
+                        "stderr=subprocess.STDOUT) == 0\n",
+          "ranks.run": "import os, sys, torch\nfrom mtf_train import ranks\nfor n in (2, 1):\n"
+                       "    assert ranks.run(n, 'gloo_rank', [], os.devnull) == 0\n"}
+
 
 def cpu_of(code: str, path: str = "") -> tuple[float, float]:
     """(CPU seconds of the whole process tree, wall seconds); `path` goes on PYTHONPATH."""
@@ -75,7 +84,7 @@ def compare(title: str, cases: dict[str, str], repeats: int, path: str = "") -> 
         print(f"{title:6s} {name:15s}: median CPU {c:5.2f} s, wall {w:5.2f} s over {repeats}")
     (base, ours) = list(med)
     print(f"{title:6s} ratio {ours} / {base}: CPU {med[ours][0] / med[base][0]:.2f}, "
-          f"wall {med[ours][1] / med[base][1]:.2f} (saves {med[base][0] - med[ours][0]:.2f} CPU s per start)")
+          f"wall {med[ours][1] / med[base][1]:.2f} (saves {med[base][0] - med[ours][0]:.2f} CPU s each)")
 
 
 def main() -> None:
@@ -89,6 +98,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "gloo_rank.py").write_text(GLOO_RANK)
         compare("ranks", LAUNCH, args.repeats, tmp)
+        compare("caller", CALLER, args.repeats, tmp)
 
 
 if __name__ == "__main__":
