@@ -1,5 +1,5 @@
 """The package layout: imports follow the flow recipe -> plan -> render -> launch, with data and train below and
-ckpt beside; rules, files, errors, compat and process are leaves. Read from the source (ast), so it costs no import and sees the
+ckpt beside; rules, files, errors, compat, process and plots are leaves. Read from the source (ast), so it costs no import and sees the
 imports inside functions too."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "mtf_train"
 
 # What each part of mtf_train may import from the others (its own modules always). A name is a package or a
 # module (`recipe.schema`); `mtf_train` itself (its __version__) is open to all. Top-level modules count as parts.
-LEAVES = {"errors": (), "files": (), "rules": (), "compat": (), "process": ()}
+LEAVES = {"errors": (), "files": (), "rules": (), "compat": (), "process": (), "plots": ("files",)}
 ALLOWED = {
     **LEAVES,
     # one machine's ranks of a program: it imports the program by name, not by an import statement
@@ -29,11 +29,11 @@ ALLOWED = {
     "data": ("errors", "files", "rules", "compat", "process", "recipe.schema", "recipe.shape", "recipe.load", "recipe.yamlio",
              "eval.tasks"),
     # the trainer writes and reads checkpoints in the format ckpt/ defines
-    "train": ("errors", "files", "rules", "compat", "process", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
+    "train": ("errors", "files", "plots", "rules", "compat", "process", "recipe.schema", "data", "ckpt.client", "ckpt.errors", "ckpt.layout",
               "ckpt.safe", "ckpt.torchzip"),
     # beside the trainer: the model, its names and its data; a recipe only for its cluster's job directives
     "ckpt": ("errors", "files", "rules", "process", "ranks", "train", "data", "recipe.schema", "recipe.load", "recipe.directives"),
-    "eval": ("errors", "files", "rules", "recipe.schema", "recipe.yamlio", "recipe.directives", "plan", "ckpt"),
+    "eval": ("errors", "files", "plots", "rules", "recipe.schema", "recipe.yamlio", "recipe.directives", "plan", "ckpt"),
     "cli": ("*",),
 }
 # Known edges against the table, each with why it is still there; remove an entry once its import is gone.

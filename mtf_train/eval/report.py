@@ -90,14 +90,11 @@ def plot_steps(eval_root: Path) -> Path | None:
     all_results = [r for r in read_results(eval_root) if r.get("step") is not None]
     if len(all_results) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mtf_train.plots import figure, save_png
 
     steps = [r["step"] for r in all_results]
     tasks = sorted({t for r in all_results for t in r["tasks"]})
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = figure(7, 4.2)
     for task in tasks:
         xs = [s for s, r in zip(steps, all_results) if task in r["tasks"]]
         ys = [100 * task_means(r)[task] for r in all_results if task in r["tasks"]]
@@ -109,9 +106,4 @@ def plot_steps(eval_root: Path) -> Path | None:
     ax.set_title("Held-out tasks: median over prompts, mean over languages (dotted: chance)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = eval_root / "accuracy_vs_step.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")  # the temporary name has no .png to go by
-    plt.close(fig)
-    return path
+    return save_png(fig, eval_root / "accuracy_vs_step.png", dpi=110)

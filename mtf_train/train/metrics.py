@@ -9,7 +9,6 @@ import json
 import time
 from pathlib import Path
 
-from mtf_train.files import atomic_path
 
 
 class Metrics:
@@ -68,11 +67,9 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Path | None:
     train = [(r["iteration"], r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
     if not train:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mtf_train.plots import figure, save_png
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = figure(7, 4)
     ax.plot(*zip(*train), label="train", lw=1.2)
     groups = sorted({r["group"] for r in records if r.get("kind") == "eval"})
     for g in groups:
@@ -82,8 +79,4 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Path | None:
     ax.set_ylabel("loss (target tokens)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")  # the temporary name has no .png to go by
-    plt.close(fig)
-    return png
+    return save_png(fig, png)
