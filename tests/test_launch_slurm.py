@@ -21,9 +21,12 @@ from tests.slurm_cluster import SlurmCluster
 pytestmark = pytest.mark.timeout(300, func_only=True)
 
 TINY = str(RECIPES / "tiny-local.yaml")
-STEPS = 30
+STEPS = 16
+# A short run that still clearly learns (loss about 7.86 -> 5.1): twice the recipe's learning rate, warm-up over 4
+# steps; each resume test trains its STEPS steps across two jobs, so every step saved is saved four times over.
 BASE = ["cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.partition=debug", "eval.iters=0",
         "logging.log_interval=1", "checkpoint.interval=1000", f"training.train_iters={STEPS}",
+        "optimizer.lr=6e-3", "optimizer.warmup_samples=64",
         # first-run flags: they must be dropped by every job after the first checkpoint (from random weights here)
         "checkpoint.no_load_optim=true", "checkpoint.reset_progress=true", "checkpoint.from_scratch=true"]
 
@@ -134,7 +137,7 @@ def test_two_node_run_completes_with_its_loss_in_the_run_folder(straight, slurm_
     assert f"submitted a chain of 2 jobs: {job1} -> {job2}" in straight["stdout"]
     curve = losses(run)
     assert [i for i, _ in curve] == list(range(1, STEPS + 1))
-    assert curve[-1][1] < curve[0][1] - 2.0, curve       # about 7.86 -> 4.8
+    assert curve[-1][1] < curve[0][1] - 2.0, curve       # about 7.86 -> 5.1
     assert (run / "loss_curve.png").stat().st_size > 1000
     assert (run / "finished").exists() and (run / "checkpoints" / "latest").read_text().strip() == f"global_step{STEPS}"
     log = events(run)
