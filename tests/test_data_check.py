@@ -122,3 +122,24 @@ def test_a_local_run_checks_its_data_root_before_starting(tmp_path):
     assert line == f"mtf-train: error: --set data.root={tmp_path / 'nowhere'}: data.root: folder not found: " \
                    f"{tmp_path / 'nowhere'}"
     assert not runs.exists()  # nothing rendered, no torchrun started
+
+
+def test_check_reads_the_indexes_as_megatron_does_without_importing_it():
+    """`data check` reads each .idx with numpy alone (a login node, a fraction of a second): its documents and
+    example lengths are megatron's, and neither torch nor megatron is imported on the way."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from mtf_train.data.indexed import MTFPair, pair_index
+
+    for p in sorted(SAMPLE_DIR.glob("xp3_*_inputs_document.idx")):
+        prefix = str(p).removesuffix("_inputs_document.idx")
+        lengths, pair = pair_index(prefix), MTFPair(prefix)
+        assert len(lengths) == pair.check() and np.array_equal(lengths, pair.lengths())
+    probe = ("import sys\nfrom mtf_train.data.cli import main\n"
+             f"main(['data', 'check', {str(ROOT / 'data_paths/sample_train.txt')!r}, '--root', {str(SAMPLE_DIR)!r}])\n"
+             "print(sorted(m for m in ('torch', 'megatron', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "all 8 datasets have their four files" in out and out.splitlines()[-1] == "[]", out

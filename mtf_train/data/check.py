@@ -35,7 +35,7 @@ def check_groups(groups: list[Group], *, seq_length: int | None = None, num_samp
                  seed: int = 42) -> list[DatasetReport]:
     """One report per entry. With seq_length and num_samples, the rows one epoch packs into and the epochs."""
     from mtf_train.data import packing
-    from mtf_train.data.indexed import MTFPair
+    from mtf_train.data.indexed import pair_index
 
     reports = []
     for g in groups:
@@ -48,18 +48,18 @@ def check_groups(groups: list[Group], *, seq_length: int | None = None, num_samp
             if missing:
                 r.problems += [f"{f}: missing" for f in missing]
                 continue
-            pair = MTFPair(e.prefix)
             try:
-                r.documents = pair.check()
+                all_lengths = pair_index(e.prefix)
             except DataError as err:
                 r.problems.append(str(err))
                 continue
+            r.documents = len(all_lengths)
             lo, hi = e.doc_range(r.documents)
             r.doc_range = (lo, hi)
             if hi <= lo:
                 r.problems.append(f"{e.prefix}: split {e.split_text} of {r.documents} documents is empty")
                 continue
-            lengths = pair.lengths(lo, hi)
+            lengths = all_lengths[lo:hi]
             r.tokens = int(lengths.sum())
             if seq_length is not None:
                 row_len = seq_length + 1

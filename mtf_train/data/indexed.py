@@ -87,16 +87,14 @@ class MTFPair:
         return open_indexed(doc_prefix(self.prefix, "targets"))
 
     def check(self) -> int:
-        """Number of documents; raises DataError unless both halves agree and each .idx fits its .bin."""
-        for kind in KINDS:
-            check_sizes(doc_prefix(self.prefix, kind))
-        n_in, n_tg = len(self.inputs), len(self.targets)
-        if n_in != n_tg:
-            raise DataError(self.prefix, f"inputs hold {n_in} documents but targets hold {n_tg}")
-        if self.inputs.index.dtype != self.targets.index.dtype:
-            raise DataError(self.prefix, f"inputs are {np.dtype(self.inputs.index.dtype).name} but targets are "
-                            f"{np.dtype(self.targets.index.dtype).name}")
-        return n_in
+        """Number of documents; raises DataError unless both halves agree and each .idx fits its .bin (read as
+        `pair_index` does), and megatron's reader, which the trainer uses, opens both and counts the same."""
+        n = len(pair_index(self.prefix))
+        for kind, ds in (("inputs", self.inputs), ("targets", self.targets)):
+            if len(ds) != n:
+                raise DataError(doc_prefix(self.prefix, kind) + ".idx", f"megatron reads {len(ds)} documents, "
+                                f"the index holds {n}")
+        return n
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -120,10 +118,10 @@ _IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
                8: np.uint16}
 
 
-def check_sizes(path_prefix: str) -> int:
-    """Sequences in `path_prefix.idx`; raises DataError when the .idx is malformed or does not describe its .bin
-    byte for byte (a copy cut short, a .bin from another run), which the trainer would otherwise meet as an
-    error deep inside megatron, naming no file."""
+def read_index(path_prefix: str) -> tuple[np.dtype, np.ndarray]:
+    """(token dtype, int32 sequence lengths) of `path_prefix.idx`; raises DataError when the .idx is malformed or
+    does not describe its .bin byte for byte (a copy cut short, a .bin from another run), which the trainer
+    would otherwise meet as an error deep inside megatron, naming no file."""
     idx, bin_ = path_prefix + ".idx", path_prefix + ".bin"
     for f in (bin_, idx):
         if not os.path.isfile(f):
@@ -143,12 +141,28 @@ def check_sizes(path_prefix: str) -> int:
         raise DataError(idx, f"cannot read: {err.strerror or err}") from None
     if len(lengths) != count or len(pointers) != count:
         raise DataError(idx, f"cut short: its header announces {count:,} sequences")
-    itemsize = np.dtype(_IDX_DTYPES[code]).itemsize
-    expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if count else 0
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if count else 0
     size = os.path.getsize(bin_)
     if size != expected:
         why = "cut short" if size < expected else "larger than its index says"
         raise DataError(bin_, f"holds {size:,} bytes but {os.path.basename(idx)} describes {expected:,} "
-                        f"({count:,} sequences of {np.dtype(_IDX_DTYPES[code]).name}): {why}; copy it again or "
-                        f"re-run preprocess")
-    return count
+                        f"({count:,} sequences of {dtype.name}): {why}; copy it again or re-run preprocess")
+    return dtype, lengths
+
+
+def check_sizes(path_prefix: str) -> int:
+    """Sequences in `path_prefix.idx`, checked against its .bin (see `read_index`)."""
+    return len(read_index(path_prefix)[1])
+
+
+def pair_index(prefix: str) -> np.ndarray:
+    """Example lengths (inputs + targets tokens, int64) of an MTF pair, read from its two indexes with numpy alone
+    (no torch or megatron import: `data check` runs on a login node in a fraction of a second); raises DataError
+    unless each .idx fits its .bin and both halves hold as many documents of the same token type."""
+    (dt_in, len_in), (dt_tg, len_tg) = (read_index(doc_prefix(prefix, kind)) for kind in KINDS)
+    if len(len_in) != len(len_tg):
+        raise DataError(prefix, f"inputs hold {len(len_in)} documents but targets hold {len(len_tg)}")
+    if dt_in != dt_tg:
+        raise DataError(prefix, f"inputs are {dt_in.name} but targets are {dt_tg.name}")
+    return len_in.astype(np.int64) + len_tg.astype(np.int64)
