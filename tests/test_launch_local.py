@@ -122,7 +122,7 @@ def test_ctrl_c_saves_and_resume_continues_with_the_same_losses(straight, tmp_pa
 
 def test_a_killed_launcher_leaves_a_job_that_status_cancel_and_logs_see(tmp_path):
     runs = tmp_path / "runs"
-    proc = start(runs, "training.train_iters=100000")
+    proc = start(runs, "training.train_iters=1000")  # outlasts the test; 100000 would cost a ~27 s packing index
     run = wait_for_step(runs, proc, 2)
     os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, killed outright
     proc.communicate(timeout=30)

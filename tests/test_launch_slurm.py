@@ -242,7 +242,7 @@ def test_a_cancelled_submitit_run_resumes_with_one_command(straight, cluster: Sl
 
 
 def test_cancel_stops_the_whole_chain(cluster: SlurmCluster, tmp_path):
-    run, _ = submit(tmp_path / "runs", "training.train_iters=100000", chain=2)
+    run, _ = submit(tmp_path / "runs", "training.train_iters=1000", chain=2)  # outlasts the test
     job1, job2 = info(run)["job_ids"]
     cluster.wait_state(job1, "RUNNING", timeout=60)
     out = mtf("cancel", str(run), check=True).stdout

@@ -17,6 +17,9 @@ from tests.helpers import RECIPES, mtf
 
 TINY = str(RECIPES / "tiny-local.yaml")
 QUICK = ["eval.iters=0", "logging.log_interval=1", "checkpoint.interval=1000"]
+# A run that outlasts any test that stops it (minutes at ~0.3 s a step). Not 100000: its packing index (1.6M samples,
+# thousands of epochs of the tiny sample) alone costs ~27 s of CPU to build.
+LONG = 1000
 
 
 def sets(*items: str) -> list[str]:
@@ -87,7 +90,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 def start_job(tmp_path, *extra: str) -> tuple[Path, subprocess.Popen]:
     """Render a long local run and start its job script (the batch shell) in the background."""
     runs = tmp_path / "runs"
-    mtf(TINY, "--dry-run", "--runs-dir", str(runs), *sets(*QUICK, "training.train_iters=100000", *extra),
+    mtf(TINY, "--dry-run", "--runs-dir", str(runs), *sets(*QUICK, f"training.train_iters={LONG}", *extra),
         check=True)
     run = only_run(runs)
     proc = subprocess.Popen(["bash", str(run / "job.sbatch")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -115,7 +118,7 @@ def finish(run: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
         raise
     assert proc.returncode == 0, out[-3000:]
     step = int(latest(run).removeprefix("global_step"))
-    assert 2 <= step < 100000 and (run / "checkpoints" / f"global_step{step}").is_dir()
+    assert 2 <= step < LONG and (run / "checkpoints" / f"global_step{step}").is_dir()
     assert losses(run)[-1][0] == step  # it saved where it stopped
     assert not (run / "finished").exists()
     return out
