@@ -48,7 +48,7 @@ E2E: dict[str, str | set[str]] = {
 }
 # Tests of an e2e module that start nothing (no trainer, no trained fixture): unit.
 UNIT_IN_E2E_MODULES = {
-    "test_ckpt_tools": {"test_reshape_layout_names_follow_the_model"},
+    "test_ckpt_tools": {"test_reshape_layout_names_follow_the_model", "test_input_errors_come_before_torch_is_imported"},
     "test_eval": {"test_eval_job_renders_sized_by_the_plan", "test_eval_section_is_validated"},
 }
 TIER_KEY = pytest.StashKey[dict]()

@@ -300,6 +300,30 @@ def test_bad_inputs_are_one_line_errors(broken, env, tmp_path):
     assert "only BLOOM" in _fails("ckpt", "import-hf", str(tmp_path / "gpt"), "-o", str(out), env=env, out=out)
 
 
+def test_input_errors_come_before_torch_is_imported(tmp_path):
+    """A wrong folder or a model that is not BLOOM is refused at once (a login node, a typo): no torch, DeepSpeed
+    or transformers import on the way to the one line, for every command."""
+    import subprocess
+    import sys
+
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+    nope, out = str(tmp_path / "nope"), str(tmp_path / "out")
+    commands = [["inspect", nope], ["to-universal", nope], ["reshape", nope, "--tp", "1", "--pp", "1", "-o", out],
+                ["export-hf", nope, "-o", out], ["import-hf", nope, "-o", out],
+                ["import-hf", str(tmp_path / "gpt"), "-o", out]]
+    probe = ("import json, sys\nfrom mtf_train.cli import main\n"
+             "for argv in json.loads(sys.argv[1]):\n"
+             "    code = main(['ckpt', *argv])\n"
+             "    print(code, sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.splitlines() == ["2 []"] * len(commands), proc.stdout + proc.stderr
+    errors = proc.stderr.splitlines()
+    assert len(errors) == len(commands) and all(e.startswith("mtf-train: error: ") for e in errors), errors
+    assert errors[-1].endswith("only BLOOM is supported") and "no such folder" in errors[0]
+
+
 def test_truncated_and_corrupt_files_are_one_line_errors(broken, env, tmp_path):
     out = tmp_path / "out"
     step = broken / "global_step2"

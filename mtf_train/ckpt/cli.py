@@ -104,13 +104,19 @@ def _json_flag(p) -> None:
 
 
 def _prepare() -> None:
-    """On a machine without CUDA, tell DeepSpeed so (else it warns on import, here and in every worker)."""
+    """On a machine without CUDA, tell DeepSpeed so (else it warns on import, here and in every worker). A CPU
+    build of torch is known from its files, so that a command which fails on its input (a missing folder, an
+    existing output) says so before torch is imported at all."""
     import os
 
-    import torch
+    from mtf_train.ranks import torch_has_gpu_build
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if torch_has_gpu_build():
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _report(args, run) -> int:

@@ -64,14 +64,14 @@ def hf_logits(hf_dir: Path, ids, dtype=None):
 def export_hf(folder, output, *, step: int | None = None, dtype: str | None = None, shard_size: str = "5GB",
               verify: bool = True) -> dict:
     """Write DIR's step as a transformers folder at `output`; returns what was done (the `--json` object)."""
-    import torch
-    from safetensors.torch import save_file
-
     from mtf_train.ckpt.source import read_source
     from mtf_train.train import hf_names
 
     out = Path(output).resolve()
-    src = read_source(folder, step)
+    src = read_source(folder, step)  # checked before torch is imported: a missing folder is refused at once
+    import torch
+    from safetensors.torch import save_file
+
     ck = src.ck
     limit = parse_size(shard_size)
     cast = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "")
@@ -259,8 +259,6 @@ def tokenizer_size(hf_dir: Path) -> int | None:
 def import_hf(hf_dir, output, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype: str = "float32",
               verify: bool = True) -> dict:
     """Split a transformers BLOOM folder into our layout at `output`; returns what was done (the `--json` object)."""
-    import torch
-
     from mtf_train.ckpt.layout import check_output
     from mtf_train.ckpt.verify import TOLERANCE, run_worker
     from mtf_train.train.args import build_parser, check
@@ -312,6 +310,8 @@ def import_hf(hf_dir, output, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype: s
     t0 = time.perf_counter()
     print(f"import {hf_dir} ({L} layers, hidden {h}, {heads} heads, vocab {vocab}) -> {out} "
           f"(tp {tp} x pp {pp} x dp {dp}, {dtype})", flush=True)
+    import torch  # after every check of the input: a bad one is refused before torch loads
+
     scratch = Path(tempfile.mkdtemp(prefix="mtf-ckpt-"))
     with staged(out) as tmp:
         torch.save(client, scratch / "client.pt")

@@ -65,18 +65,18 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
     """Convert; returns the `global_stepN_universal` folder. `keep_vocab_padding` keeps the vocabulary's
     padding rows (trained weights and states) instead of DeepSpeed's default of dropping them, for a load at
     a shape with the same padded size: the reload is then exact."""
-    import torch
-    from deepspeed.checkpoint import ds_to_universal as d2u
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
     from mtf_train.ckpt.client import ClientState, read_checkpoint
     from mtf_train.ckpt.torchzip import load_small
     from mtf_train.ckpt.safe import guard_torch_load
     from mtf_train.ckpt.safe import load as safe_load
 
     # every file checked before DeepSpeed reads any (its own errors on a damaged file are long and come after
-    # partial output)
+    # partial output), and before DeepSpeed is imported: a missing folder is refused at once
     ck, state = read_checkpoint(folder, step)
+    import torch
+    from deepspeed.checkpoint import ds_to_universal as d2u
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
     if not ck.optim_files:
         raise CkptError(str(ck.path), "no optimizer states (ZeRO-0 or weights only): DeepSpeed's universal form "
                         "needs them")
