@@ -183,7 +183,7 @@ class Ranks:
         live = dict(self.pids)
         try:
             while live:
-                ended = [(pid, status) for pid, status in map(_reap, live) if pid]
+                ended = [(pid, status) for pid, status in (os.waitpid(p, os.WNOHANG) for p in live) if pid]
                 if not ended:
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError(f"{self.module} on {self.world} ranks: not done within {timeout:.0f} s")
@@ -196,8 +196,10 @@ class Ranks:
                     if code != 0:
                         self._kill(live)
                         live = {}
-                        print(f"{PROG}: rank {self.pids[pid]} exited with code {code}; the other ranks were stopped",
-                              file=sys.stderr if self.output is None else _Fd(self.output), flush=True)
+                        sys.stderr.flush()
+                        os.write(2 if self.output is None else self.output,
+                                 f"{PROG}: rank {self.pids[pid]} exited with code {code}; the other ranks were "
+                                 f"stopped\n".encode())
                         return 1
             return 0
         finally:
@@ -217,19 +219,6 @@ class Ranks:
                 pass
 
 
-class _Fd:
-    """print()'s file for a raw descriptor."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def write(self, text: str) -> None:
-        os.write(self.fd, text.encode())
-
-    def flush(self) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def _output_to(fd: int):
     """This process's stdout and stderr (the descriptors, so C-level writes too) go to `fd` for a while."""
@@ -247,11 +236,6 @@ def _output_to(fd: int):
         os.dup2(saved[1], 2)
         for x in saved:
             os.close(x)
-
-
-def _reap(pid: int) -> tuple[int, int]:
-    """(pid, wait status) when `pid` has ended, else (0, 0)."""
-    return os.waitpid(pid, os.WNOHANG)
 
 
 def run(world: int, module: str, args: list[str], log, cwd=None, env: dict[str, str] | None = None,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from mtf_train.ckpt.accelerator import prepare_deepspeed
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     ckpt = subparsers.add_parser(
@@ -103,22 +105,6 @@ def _json_flag(p) -> None:
                    "stdout; progress goes to stderr")
 
 
-def _prepare() -> None:
-    """On a machine without CUDA, tell DeepSpeed so (else it warns on import, here and in every worker). A CPU
-    build of torch is known from its files, so that a command which fails on its input (a missing folder, an
-    existing output) says so before torch is imported at all."""
-    import os
-
-    from mtf_train.ranks import torch_has_gpu_build
-
-    if torch_has_gpu_build():
-        import torch
-
-        if torch.cuda.is_available():
-            return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def _report(args, run) -> int:
     """Run a conversion; with --json its human lines go to stderr and its result is the only thing on stdout."""
     import contextlib
@@ -135,7 +121,7 @@ def _report(args, run) -> int:
 
 
 def cmd_inspect(args) -> int:
-    _prepare()
+    prepare_deepspeed()
     from mtf_train.ckpt.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(args.dir, args.step, check=not args.no_check)
@@ -144,7 +130,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_to_universal(args) -> int:
-    _prepare()
+    prepare_deepspeed()
     from mtf_train.ckpt.universal import to_universal
 
     out = to_universal(args.dir, step=args.step, output_root=args.output, workers=args.workers,
@@ -155,7 +141,7 @@ def cmd_to_universal(args) -> int:
 
 
 def cmd_reshape(args) -> int:
-    _prepare()
+    prepare_deepspeed()
     from mtf_train.ckpt.reshape import reshape
 
     return _report(args, lambda: reshape(
@@ -164,7 +150,7 @@ def cmd_reshape(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    _prepare()
+    prepare_deepspeed()
     from mtf_train.ckpt.hf import export_hf
 
     return _report(args, lambda: export_hf(args.dir, args.output, step=args.step, dtype=args.dtype,
@@ -172,7 +158,7 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    _prepare()
+    prepare_deepspeed()
     from mtf_train.ckpt.hf import import_hf
 
     return _report(args, lambda: import_hf(args.hfdir, args.output, tp=args.tp, pp=args.pp, dp=args.dp,

@@ -73,10 +73,6 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
     # every file checked before DeepSpeed reads any (its own errors on a damaged file are long and come after
     # partial output), and before DeepSpeed is imported: a missing folder is refused at once
     ck, state = read_checkpoint(folder, step)
-    import torch
-    from deepspeed.checkpoint import ds_to_universal as d2u
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
     if not ck.optim_files:
         raise CkptError(str(ck.path), "no optimizer states (ZeRO-0 or weights only): DeepSpeed's universal form "
                         "needs them")
@@ -85,6 +81,10 @@ def to_universal(folder, *, step: int | None = None, output_root=None, workers: 
     final = root / f"{ck.tag}_universal"
     if final.exists() and not force:
         raise CkptError(str(final), "exists already (pass --force to replace it)")
+    import torch
+    from deepspeed.checkpoint import ds_to_universal as d2u
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
     client = load_small(ck.mp_files[0])
     info = client.get(UNIVERSAL_CHECKPOINT_INFO) if isinstance(client, dict) else None
     injected = bloom_info(state) if not info else None

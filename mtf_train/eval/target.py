@@ -134,14 +134,12 @@ def ensure_hf(model: Model, out: Path, *, verify: bool, say=print) -> Path:
     if (cached / "config.json").is_file() and list(cached.glob("*.safetensors")):
         say(f"{model.label}: transformers export cached in {cached}")
     else:
-        import os
         import time
 
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on import
+        from mtf_train.ckpt.accelerator import prepare_deepspeed
         from mtf_train.ckpt.hf import export_hf
+
+        prepare_deepspeed()
 
         t0 = time.perf_counter()
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 
-
 class Metrics:
     def __init__(self, run_dir: Path, tensorboard_dir: str | None, queue_size: int, enabled: bool):
         self.enabled = enabled
