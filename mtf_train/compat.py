@@ -111,6 +111,11 @@ USES = (
     Use("torch", "torch.save's zip layout and the torch._utils._rebuild_tensor_v2/_v3/_rebuild_parameter globals",
         "ckpt/layout.py", "read tensors out of checkpoint files lazily, by offset", "tests/test_ckpt_tools.py",
         ("torch._utils", "_rebuild_tensor_v2")),
+    Use("torch", "the globals torch.save pickles (legacy storage classes torch.FloatStorage..., dtypes as torch.<name>, "
+        "torch.Size, torch.device) and the non-torch names of the weights-only allowlist (_codecs.encode, ...)",
+        "ckpt/torchzip.py", "read a checkpoint's structure without importing torch (inspect, the tools' input "
+        "checks); an unknown torch global falls back to the torch reader",
+        "tests/test_ckpt_tools.py, tests/test_ckpt_2022.py"),
     Use("torch", "torch._foreach_add_ and torch._foreach_zero_", "train/bf16.py", "one kernel per group",
         "tests/test_train_bf16.py", ("torch", "_foreach_add_")),
     Use("lm-eval", "lm_eval.utils.apply_template and utils.env (its Jinja environment), replaced by a cached "

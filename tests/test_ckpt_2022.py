@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.ckpt_legacy import to_legacy
-from tests.helpers import RECIPES, mtf, one_line_error
+from tests.helpers import RECIPES, assert_torch_free_read_equal, mtf, mtf_imports, one_line_error
 
 TINY = str(RECIPES / "tiny-local.yaml")
 TP, PP = 2, 2  # the shape of the 2022-form fixture
@@ -135,8 +135,16 @@ def test_the_fixture_is_in_the_2022_form(pair):
 
 
 def test_inspect_reads_the_2022_form_like_ours(pair, env):
-    got = {name: json.loads(mtf("ckpt", "inspect", name, "--json", cwd=pair["base"], env=env, check=True).stdout)
-           for name in ("legacy", "ours")}
+    from mtf_train.ckpt.inspect import _inspect
+
+    got = {}
+    for name in ("legacy", "ours"):
+        proc, imported = mtf_imports("ckpt", "inspect", name, "--json", cwd=pair["base"], env=env)
+        assert proc.returncode == 0 and imported == [], (name, imported, proc.stderr)  # no torch, no DeepSpeed
+        got[name] = json.loads(proc.stdout)
+        assert _inspect(pair[name], None, True, torch_free=False) == _inspect(pair[name], None, True, torch_free=True)
+    for path in sorted(pair["legacy"].rglob("*.pt")):  # 2022 pickles: Namespace, megatron.enums, dtypes
+        assert_torch_free_read_equal(path)
     assert got["legacy"]["form"] == "megatron-deepspeed-2022" and got["ours"]["form"] == "mtf-train"
     for key in ("iteration", "tp", "pp", "dp", "dtype", "parameters", "num_layers", "hidden_size",
                 "padded_vocab_size", "original_vocab_size", "optimizer", "consumed_train_samples"):
@@ -289,8 +297,10 @@ def test_damaged_checkpoints_are_refused_by_every_tool(bf16_run, env, tmp_path, 
                 "reshape": ["ckpt", "reshape", str(ck), "--tp", "1", "--pp", "2", "-o", str(tmp_path / "out")],
                 "export-hf": ["ckpt", "export-hf", str(ck), "-o", str(tmp_path / "out")]}
     for tool, cmd in commands.items():
-        line = one_line_error(mtf(*cmd, env=env, timeout=300))
+        proc, imported = mtf_imports(*cmd, env=env, timeout=300)
+        line = one_line_error(proc)
         assert str(named) in line, (tool, line)
+        assert imported == [], (tool, imported)  # refused before torch's import
         assert not (tmp_path / "out").exists() and not (ck / "latest_universal").exists(), tool
     assert sorted(p.name for p in (ck / "global_step3").iterdir()) == before
 
@@ -307,8 +317,10 @@ def test_a_checkpoint_that_would_run_code_is_refused(bf16_run, env, tmp_path):
     torch.save(sd, mp)
     for cmd in (["ckpt", "inspect", str(ck)], ["ckpt", "reshape", str(ck), "--tp", "1", "--pp", "2", "-o",
                                                  str(tmp_path / "out")]):
-        line = one_line_error(mtf(*cmd, env=env, timeout=300))
+        proc, imported = mtf_imports(*cmd, env=env, timeout=300)
+        line = one_line_error(proc)
         assert str(mp) in line and "refused to unpickle" in line and "posix.system" in line, line
+        assert imported == [], imported
     assert not marker.exists()
 
 

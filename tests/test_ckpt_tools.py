@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import view
-from tests.helpers import RECIPES, mtf, one_line_error
+from tests.helpers import RECIPES, assert_torch_free_read_equal, mtf, mtf_imports, one_line_error
 
 TINY = str(RECIPES / "tiny-local.yaml")
 SHAPES = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
@@ -87,7 +87,8 @@ def test_reshape_layout_names_follow_the_model():
 
 
 def test_inspect_reads_shape_and_sizes(trained, env):
-    proc = mtf("ckpt", "inspect", str(trained["tp2pp2"]), "--json", env=env, check=True)
+    proc, imported = mtf_imports("ckpt", "inspect", str(trained["tp2pp2"]), "--json", env=env)
+    assert proc.returncode == 0 and imported == [], (imported, proc.stderr)  # read without torch or DeepSpeed
     info = json.loads(proc.stdout)
     assert (info["tp"], info["pp"], info["dp"], info["iteration"]) == (2, 2, 1, 2)
     assert info["dtype"] == "float32" and info["optimizer_states"] and info["zero_stage"] == 1
@@ -97,6 +98,20 @@ def test_inspect_reads_shape_and_sizes(trained, env):
     assert info["sizes"]["total"] == sum(p.stat().st_size for p in (trained["tp2pp2"] / "global_step2").iterdir())
     text = mtf("ckpt", "inspect", str(trained["tp1-run"]), env=env, check=True).stdout  # a run folder works too
     assert "tp 1 x pp 1 x dp 1" in text and "iteration    3" in text
+
+
+def test_torch_free_reads_equal_torchs(trained):
+    """What inspect and the tools' input checks read without torch is what the torch reader gives, file by file:
+    the same structure, tensors' dtypes, shapes and offsets, DeepSpeed's records' fields."""
+    from mtf_train.ckpt.inspect import _inspect
+
+    for name in SHAPES:
+        files = sorted(trained[name].rglob("*.pt"))
+        assert len(files) >= 6, files
+        for path in files:
+            assert_torch_free_read_equal(path)
+        assert _inspect(trained[name], None, True, torch_free=True) == _inspect(trained[name], None, True,
+                                                                                torch_free=False)
 
 
 RESHAPES = [("tp1", 2, 1), ("tp2", 1, 1), ("tp1", 1, 2), ("pp2", 1, 1), ("tp2pp2", 1, 1)]
@@ -274,7 +289,10 @@ def broken(trained, tmp_path):
 
 
 def _fails(*args, env=None, out: Path | None = None) -> str:
-    line = one_line_error(mtf(*args, env=env, timeout=120))
+    """The one line of a refused input, said before torch, DeepSpeed or transformers is imported."""
+    proc, imported = mtf_imports(*args, env=env, timeout=120)
+    line = one_line_error(proc)
+    assert imported == [], (args, imported)
     if out is not None:
         assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), list(out.parent.iterdir())
     return line
@@ -303,24 +321,18 @@ def test_bad_inputs_are_one_line_errors(broken, env, tmp_path):
 def test_input_errors_come_before_torch_is_imported(tmp_path):
     """A wrong folder or a model that is not BLOOM is refused at once (a login node, a typo): no torch, DeepSpeed
     or transformers import on the way to the one line, for every command."""
-    import subprocess
-    import sys
-
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
     nope, out = str(tmp_path / "nope"), str(tmp_path / "out")
     commands = [["inspect", nope], ["to-universal", nope], ["reshape", nope, "--tp", "1", "--pp", "1", "-o", out],
                 ["export-hf", nope, "-o", out], ["import-hf", nope, "-o", out],
                 ["import-hf", str(tmp_path / "gpt"), "-o", out]]
-    probe = ("import json, sys\nfrom mtf_train.cli import main\n"
-             "for argv in json.loads(sys.argv[1]):\n"
-             "    code = main(['ckpt', *argv])\n"
-             "    print(code, sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", probe, json.dumps(commands)], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.stdout.splitlines() == ["2 []"] * len(commands), proc.stdout + proc.stderr
-    errors = proc.stderr.splitlines()
-    assert len(errors) == len(commands) and all(e.startswith("mtf-train: error: ") for e in errors), errors
+    errors = []
+    for argv in commands:
+        proc, imported = mtf_imports("ckpt", *argv)
+        assert imported == [], (argv, imported)
+        errors.append(one_line_error(proc))
+    assert all(e.startswith("mtf-train: error: ") for e in errors), errors
     assert errors[-1].endswith("only BLOOM is supported") and "no such folder" in errors[0]
 
 

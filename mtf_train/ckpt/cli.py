@@ -120,8 +120,19 @@ def _report(args, run) -> int:
     return 0
 
 
+def _check_input(check) -> None:
+    """Run `check` (the command's own reading and checks of its input, torch-free) before torch is imported: a
+    missing, incomplete or damaged checkpoint or an impossible request is one line at once. The CRCs are not
+    read twice (`safe.check_file`)."""
+    from mtf_train.ckpt.torchzip import NeedsTorch
+
+    try:
+        check()
+    except NeedsTorch:  # the command reads it with torch and says what is wrong, if anything
+        pass
+
+
 def cmd_inspect(args) -> int:
-    prepare_deepspeed()
     from mtf_train.ckpt.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(args.dir, args.step, check=not args.no_check)
@@ -130,6 +141,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_to_universal(args) -> int:
+    from mtf_train.ckpt.client import read_checkpoint
+
+    _check_input(lambda: read_checkpoint(args.dir, args.step, torch_free=True))
     prepare_deepspeed()
     from mtf_train.ckpt.universal import to_universal
 
@@ -141,8 +155,13 @@ def cmd_to_universal(args) -> int:
 
 
 def cmd_reshape(args) -> int:
+    from pathlib import Path
+
+    from mtf_train.ckpt.reshape import check_request, reshape
+
+    _check_input(lambda: check_request(args.dir, args.step, args.tp, args.pp, args.dp, Path(args.output).resolve(),
+                                       torch_free=True))
     prepare_deepspeed()
-    from mtf_train.ckpt.reshape import reshape
 
     return _report(args, lambda: reshape(
         args.dir, tp=args.tp, pp=args.pp, dp=args.dp, output=args.output, step=args.step, method=args.method,
@@ -150,6 +169,9 @@ def cmd_reshape(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
+    from mtf_train.ckpt.source import read_source
+
+    _check_input(lambda: read_source(args.dir, args.step, torch_free=True))
     prepare_deepspeed()
     from mtf_train.ckpt.hf import export_hf
 

@@ -109,10 +109,11 @@ class ClientState:
         return out
 
 
-def read_checkpoint(folder, step: int | None = None, check: bool = True):
+def read_checkpoint(folder, step: int | None = None, check: bool = True, torch_free: bool = False):
     """(Checkpoint, ClientState) of a step, verified before it is trusted: the client-state file's CRCs first,
     then (from its args) that every layer file the model's depth needs is there and nothing else, and, with
-    `check`, every file's CRCs."""
+    `check`, every file's CRCs. `torch_free`: read without importing torch (the RNG states stay unread
+    `LazyTensor`s; `torchzip.NeedsTorch` when the file needs torch to be read)."""
     from mtf_train.ckpt.errors import CkptError
     from mtf_train.ckpt.layout import locate
     from mtf_train.ckpt.torchzip import TorchFile, check_archive, materialize
@@ -122,11 +123,12 @@ def read_checkpoint(folder, step: int | None = None, check: bool = True):
     if check:
         check_archive(first)
     with TorchFile(first) as tf:
-        raw = tf.load()
+        raw = tf.load(torch_free=torch_free)
     if not isinstance(raw, dict):
         raise CkptError(str(first), "not a DeepSpeed model-states file")
-    raw = {k: (materialize(v) if k in ("args", "param_shapes", "iteration") or k in LEGACY_KEYS
-               or k == "rng_state" else v) for k, v in raw.items()}
+    if not torch_free:
+        raw = {k: (materialize(v) if k in ("args", "param_shapes", "iteration") or k in LEGACY_KEYS
+                   or k == "rng_state" else v) for k, v in raw.items()}
     st = ClientState.read(raw)
     num_layers = st.args.get("num_layers")
     for name, files_say in (("tensor_model_parallel_size", ck.tp), ("pipeline_model_parallel_size", ck.pp)):

@@ -64,21 +64,14 @@ class Info:
         return "\n".join(lines)
 
 
-def client_args(state: dict) -> dict:
-    """The trainer arguments saved in a client state (either form), as plain values."""
-    from mtf_train.ckpt.client import ClientState
-
-    return ClientState.read(state).args
-
-
-def count_parameters(ck: Checkpoint) -> tuple[int, str]:
+def count_parameters(ck: Checkpoint, torch_free: bool) -> tuple[int, str]:
     """Parameters of the full model (TP shards summed, replicated ones once) and the weights' dtype."""
     from mtf_train.train.hf_names import tp_partition_dim
 
     total, dtype = 0, None
     for (layer, tp_rank), path in sorted(ck.layer_files.items()):
         with TorchFile(path) as tf:
-            sd = tf.load()
+            sd = tf.load(torch_free=torch_free)
         if not isinstance(sd, dict):
             raise CkptError(str(path), "not a layer state dict")
         for name, t in sd.items():
@@ -94,11 +87,11 @@ def count_parameters(ck: Checkpoint) -> tuple[int, str]:
     return total, dtype or "?"
 
 
-def optimizer_kind(ck: Checkpoint) -> tuple[str | None, int | None]:
+def optimizer_kind(ck: Checkpoint, torch_free: bool) -> tuple[str | None, int | None]:
     if not ck.optim_files:
         return None, None
     with TorchFile(next(iter(ck.optim_files.values()))) as tf:
-        sd = tf.load()
+        sd = tf.load(torch_free=torch_free)
     osd = sd.get("optimizer_state_dict", {}) if isinstance(sd, dict) else {}
     stage = osd.get("zero_stage")
     stage = int(getattr(stage, "value", stage)) if stage is not None else (0 if ck.bf16_optim else None)
@@ -106,12 +99,26 @@ def optimizer_kind(ck: Checkpoint) -> tuple[str | None, int | None]:
 
 
 def inspect_checkpoint(folder, step: int | None = None, check: bool = True) -> Info:
+    """Read without torch (seconds of import on a login node); a file that names a torch global the torch-free
+    reader has no stand-in for is read with torch."""
+    from mtf_train.ckpt.torchzip import NeedsTorch
+
+    try:
+        return _inspect(folder, step, check, torch_free=True)
+    except NeedsTorch:
+        from mtf_train.ckpt.accelerator import prepare_deepspeed
+
+        prepare_deepspeed()
+        return _inspect(folder, step, check, torch_free=False)
+
+
+def _inspect(folder, step: int | None, check: bool, torch_free: bool) -> Info:
     from mtf_train.ckpt.client import read_checkpoint
 
-    ck, client = read_checkpoint(folder, step, check=check)
+    ck, client = read_checkpoint(folder, step, check=check, torch_free=torch_free)
     args = client.args
-    params, dtype = count_parameters(ck)
-    opt, stage = optimizer_kind(ck)
+    params, dtype = count_parameters(ck, torch_free)
+    opt, stage = optimizer_kind(ck, torch_free)
     sizes = {"layers": sum(p.stat().st_size for p in ck.layer_files.values()),
              "optimizer": sum(p.stat().st_size for p in ck.optim_files.values()),
              "client": sum(p.stat().st_size for p in ck.mp_files.values())}

@@ -41,15 +41,22 @@ TRAINER_KEYS = ("iteration", "consumed_train_samples", "consumed_valid_samples",
                 "original_vocab_size")
 
 
+def check_request(folder, step: int | None, tp: int, pp: int, dp: int, out: Path,
+                  torch_free: bool = False) -> tuple:
+    """(source, target padded vocabulary) after every check of the input, the target shape and the output
+    folder; `torch_free`: the same checks before torch is imported (`read_source`)."""
+    src = read_source(folder, step, torch_free=torch_free)
+    check_shape(src, tp, pp, dp)
+    check_output(out)
+    return src, target_padded_vocab(src, tp)
+
+
 def reshape(folder, *, tp: int, pp: int, dp: int = 1, output, step: int | None = None, method: str = "direct",
             verify: bool = True, recipe: str | None = None, sets=(), job: str | None = None,
             here: bool = False) -> dict:
     """Reshape DIR's step into `output`; returns what was done (the `--json` object)."""
     out = Path(output).resolve()
-    src = read_source(folder, step)
-    check_shape(src, tp, pp, dp)
-    check_output(out)
-    padded = target_padded_vocab(src, tp)
+    src, padded = check_request(folder, step, tp, pp, dp, out)
     ck = src.ck
     shape_from = f"tp {ck.tp} x pp {ck.pp} x dp {ck.dp}"
     shape_to = f"tp {tp} x pp {pp} x dp {dp}"

@@ -103,6 +103,11 @@ def _numpy_helpers():
     return {"_mtf_reconstruct": mod._reconstruct, "_mtf_scalar": mod.scalar}
 
 
+def is_allowlisted(name: str) -> bool:
+    """Whether a global of that name may be unpickled, without importing its module."""
+    return name in _LOCAL_ENUMS or name in _FIXED
+
+
 def resolve(name: str):
     """The object an allowlisted global name stands for; None when it is not allowed."""
     if name in _LOCAL_ENUMS:
@@ -147,14 +152,28 @@ def allowed_globals() -> tuple:
 _CHUNK = 16 << 20
 
 
+# Files whose CRCs matched in this process, by (path, inode, size, mtime, ctime): a tool checks its input before
+# importing torch and again where it reads, and a checkpoint is read once for both.
+_verified: set[tuple] = set()
+
+
 def check_file(path: str | os.PathLike) -> None:
     """Raise UnsafeCheckpoint unless `path` is a complete torch archive whose records match their CRC-32s."""
     path = Path(path)
     where = str(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise UnsafeCheckpoint(where, "no such file") from None
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _verified:
+        return
+    _check_records(path, st.st_size)
+    _verified.add(key)
+
+
+def _check_records(path: Path, size: int) -> None:
+    where = str(path)
     if size == 0:
         raise UnsafeCheckpoint(where, "empty file (0 bytes): truncated or corrupt")
     try:

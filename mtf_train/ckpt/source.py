@@ -37,11 +37,17 @@ class Source:
                     layernorm_epsilon=a.get("layernorm_epsilon", 1e-5), init_std=a.get("init_method_std", 0.02))
 
 
-def read_source(folder, step: int | None = None) -> Source:
+def read_source(folder, step: int | None = None, torch_free: bool = False) -> Source:
+    """The step, verified (`client.read_checkpoint`) and described. `torch_free`: without importing torch, for
+    the input checks (the client state's tensors stay unread; `torchzip.NeedsTorch` when a file needs torch)."""
     from mtf_train.ckpt.client import read_checkpoint
 
-    ck, state = read_checkpoint(folder, step)
-    client = load_small(ck.mp_files[0])
+    ck, state = read_checkpoint(folder, step, torch_free=torch_free)
+    if torch_free:
+        with TorchFile(ck.mp_files[0]) as tf:
+            client = tf.load(torch_free=True)
+    else:
+        client = load_small(ck.mp_files[0])
     args = state.args
     missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if not isinstance(args.get(k), int)]
     if missing:
@@ -52,7 +58,7 @@ def read_source(folder, step: int | None = None) -> Source:
     layer_keys: dict[int, list] = {}
     for (layer, tp_rank), path in sorted(ck.layer_files.items()):
         with TorchFile(path) as tf:
-            sd = tf.load()
+            sd = tf.load(torch_free=torch_free)
         if not isinstance(sd, dict):
             raise CkptError(str(path), "not a layer state dict")
         if tp_rank == 0:

@@ -7,10 +7,16 @@ reverse: it saves the structure with `torch.serialization.skip_data` (the record
 in memory), the caller fills each tensor range in place and `close` writes the records' CRC-32s. Unpickling
 resolves only the globals of `safe`'s allowlist (a 2022 checkpoint's `megatron.enums` become local enums);
 anything else is refused.
+
+`load(torch_free=True)` reads the same structure without importing torch (or DeepSpeed): tensors keep their
+dtype as a name, `torch.Size` is a tuple, dtypes are `DTypeName`s and DeepSpeed's records are inert `Record`s.
+That is all `ckpt inspect` and the tools' input checks need, so a damaged checkpoint is refused before torch's
+seconds of import. A torch global it does not know raises `NeedsTorch`: the caller reads with torch instead.
 """
 from __future__ import annotations
 
 import _compat_pickle
+import importlib
 import io
 import os
 import pickle
@@ -23,6 +29,85 @@ from mtf_train.ckpt.errors import CkptError
 
 
 # --- lazy reading -------------------------------------------------------------------------------------------
+
+# The element types torch.save names storages by (its legacy typed classes), and their sizes in bytes.
+STORAGE_DTYPES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+                  "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+                  "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+                  "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+                  "UntypedStorage": "uint8"}
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+            "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+
+
+class NeedsTorch(Exception):
+    """A torch-free read met a torch global it cannot stand in for: read the file with torch."""
+
+
+class DTypeName(str):
+    """A torch dtype read without torch: its name ("float32")."""
+
+    def __repr__(self):
+        return f"torch.{self}"
+
+
+class _StorageType:
+    def __init__(self, dtype: str):
+        self.dtype = DTypeName(dtype)
+
+
+class Record:
+    """An allowlisted object of a package a torch-free read does not import (DeepSpeed's optimizer records):
+    its constructor arguments (`value`: the first, an enum's value) and pickled state, nothing run."""
+
+    name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    @property
+    def value(self):
+        return self.args[0] if self.args else None
+
+    def __repr__(self):
+        return f"{self.name}{self.args}"
+
+
+_record_classes: dict[str, type] = {}
+
+
+def _record_class(full: str) -> type:
+    if full not in _record_classes:
+        _record_classes[full] = type(full.rsplit(".", 1)[1], (Record,), {"name": full})
+    return _record_classes[full]
+
+
+# What torch's weights-only unpickler allows besides torch's own names (numpy's byte strings need the first).
+_TORCH_ALLOWS_TOO = {"_codecs.encode": ("codecs", "encode"), "builtins.bytearray": ("builtins", "bytearray"),
+                     "builtins.complex": ("builtins", "complex"), "collections.Counter": ("collections", "Counter")}
+
+
+def _torch_free_global(module: str, name: str):
+    """The stand-in for torch global `module.name` in a torch-free read; NeedsTorch when there is none."""
+    if module == "torch":
+        if name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
+        if name in ITEMSIZE:
+            return DTypeName(name)
+        if name == "Size":
+            return tuple
+        if name == "device":
+            return lambda *a: ":".join(str(x) for x in a)
+    raise NeedsTorch(f"{module}.{name}")
 
 
 class LazyStorage:
@@ -53,6 +138,8 @@ class LazyTensor:
 
     @property
     def itemsize(self) -> int:
+        if isinstance(self.dtype, str):
+            return ITEMSIZE[self.dtype]
         import torch
 
         return torch.empty((), dtype=self.dtype).element_size()
@@ -154,10 +241,10 @@ class TorchFile:
             self._records[key] = (start, info.file_size)
         return self._records[key]
 
-    def load(self):
-        """The pickled object with every tensor as a `LazyTensor`."""
-        import torch
-
+    def load(self, torch_free: bool = False):
+        """The pickled object with every tensor as a `LazyTensor`; `torch_free`: see the module docstring."""
+        if not torch_free:
+            import torch
         try:
             data = self._zip.read(self._prefix + "data.pkl")
         except (zipfile.BadZipFile, OSError, EOFError) as err:
@@ -165,9 +252,9 @@ class TorchFile:
         tfile = self
         storages: dict[str, LazyStorage] = {}
 
-        from mtf_train.ckpt.safe import UnsafeCheckpoint, refusal_reason, resolve
+        from mtf_train.ckpt.safe import UnsafeCheckpoint, is_allowlisted, refusal_reason, resolve
 
-        torch_allowed = _torch_allowed_globals()
+        torch_allowed = {} if torch_free else _torch_allowed_globals()
 
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):  # never imports what the file names: allowlist only
@@ -180,9 +267,17 @@ class TorchFile:
                     return _rebuild_lazy
                 if module == "torch._utils" and name == "_rebuild_parameter":
                     return _rebuild_parameter
+                full = f"{module}.{name}"
+                if torch_free:
+                    if module == "torch" or module.startswith("torch."):
+                        return _torch_free_global(module, name)
+                    if full in _TORCH_ALLOWS_TOO:
+                        mod, attr = _TORCH_ALLOWS_TOO[full]
+                        return getattr(importlib.import_module(mod), attr)
+                    if module.startswith("deepspeed.") and is_allowlisted(full):
+                        return _record_class(full)
                 if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
                     return getattr(torch, name)
-                full = f"{module}.{name}"
                 obj = torch_allowed.get(full)
                 if obj is None:
                     obj = resolve(full)
@@ -192,6 +287,11 @@ class TorchFile:
 
             def persistent_load(self, pid):
                 _, storage_type, key, _location, numel = pid
+                if torch_free:
+                    if not isinstance(storage_type, _StorageType):
+                        raise NeedsTorch(f"storage of type {storage_type!r}")
+                    storages.setdefault(key, LazyStorage(tfile, key, storage_type.dtype, numel))
+                    return storages[key]
                 with warnings.catch_warnings():  # TypedStorage classes warn on any use
                     warnings.simplefilter("ignore")
                     dtype = getattr(storage_type, "dtype", None)
@@ -203,6 +303,8 @@ class TorchFile:
 
         try:
             return Unpickler(io.BytesIO(data)).load()
+        except NeedsTorch:
+            raise
         except UnsafeCheckpoint as err:
             raise CkptError(err.where, err.reason) from None
         except Exception as err:  # a broken pickle: any exception type is possible
@@ -211,7 +313,8 @@ class TorchFile:
     def read_elements(self, storage: LazyStorage, start: int, count: int):
         import torch
 
-        out = torch.empty(count, dtype=storage.dtype)
+        dtype = getattr(torch, storage.dtype) if isinstance(storage.dtype, str) else storage.dtype
+        out = torch.empty(count, dtype=dtype)
         if count == 0:
             return out
         offset, size = self.record(storage.key)
