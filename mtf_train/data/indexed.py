@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,9 +37,9 @@ def megatron_indexed():
     return indexed_dataset
 
 
-def optimal_dtype(vocab_size: int):
+def optimal_dtype(vocab_size: int | None):
     """uint16 under 65500 vocabulary entries, else int32 (the rule of megatron's preprocess_data)."""
-    return megatron_indexed().DType.optimal_dtype(vocab_size)
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
 def doc_prefix(prefix: str, kind: str) -> str:
@@ -112,10 +113,38 @@ class MTFPair:
 
 
 # megatron-core's mmap index: a header, then int32 sequence lengths, int64 byte offsets into the .bin and int64
-# document indices. Read here with numpy alone, so that recipe checks need no torch/megatron import.
+# document indices. Read and written here with numpy alone: recipe checks and preprocessing need no torch/megatron.
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
+
+
+class IndexWriter:
+    """megatron-core's IndexedDatasetBuilder for documents of one sequence each, with numpy alone: the same .bin and
+    .idx byte for byte (tests/test_data_preprocess.py compares), so `data preprocess` imports no torch or
+    megatron. `add_documents(tokens, lengths)`: the rows of a chunk, concatenated; `finalize(idx_path)` writes
+    the index and closes the .bin."""
+
+    def __init__(self, bin_path: str, dtype):
+        self.dtype = np.dtype(dtype)
+        self.code = next(c for c, t in _IDX_DTYPES.items() if np.dtype(t) == self.dtype)
+        self.data_file = open(bin_path, "wb")
+        self._lengths: list[np.ndarray] = []
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._lengths.append(np.asarray(lengths, dtype=np.int32))
+
+    def finalize(self, idx_path: str) -> None:
+        self.data_file.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        documents = np.arange(len(lengths) + 1, dtype=np.int64)  # each document ends after its one sequence
+        with open(idx_path, "wb") as fh:
+            fh.write(_IDX_MAGIC + struct.pack("<Q", 1) + struct.pack("<B", self.code))
+            fh.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(documents)))
+            fh.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())
 
 
 def read_index(path_prefix: str) -> tuple[np.dtype, np.ndarray]:

@@ -159,7 +159,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
     FILE:LINE under `strict`. dedup/shuffle: the `sort -u | shuf` step, out of core (see jsonl.merged).
     """
     from mtf_train.data import _tokenize
-    from mtf_train.data.indexed import megatron_indexed, optimal_dtype
+    from mtf_train.data.indexed import IndexWriter, optimal_dtype
     from mtf_train.data.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
@@ -172,7 +172,6 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
     files = jsonl.find_inputs(inputs)
     tok, info = load_tokenizer(tokenizer)
     dtype = optimal_dtype(info.vocab_size)
-    builder_cls = megatron_indexed().IndexedDatasetBuilder
 
     out_dir = Path(output_prefix).parent
     try:
@@ -197,7 +196,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
             builders = {}
             for k, f in finals.items():
                 temps += [_tmp_name(f + ".bin"), _tmp_name(f + ".idx")]
-                builders[k] = builder_cls(_tmp_name(f + ".bin"), dtype=dtype)
+                builders[k] = IndexWriter(_tmp_name(f + ".bin"), dtype)
                 stack.callback(builders[k].data_file.close)
             temps.append(_tmp_name(report))
             report_fh = stack.enter_context(open(_tmp_name(report), "w"))
@@ -227,7 +226,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
                     return
                 import multiprocessing as mp
                 nonlocal pool
-                ctx = mp.get_context("spawn")  # no fork of a process that holds torch/megatron state
+                ctx = mp.get_context("spawn")  # a forked tokenizers library turns its parallelism off (and warns)
                 pool = ctx.Pool(workers, initializer=_tokenize.init_worker,
                                 initargs=(tok.to_str(), info.eod_id, True, max_tokens))
                 pending: deque = deque()
@@ -255,8 +254,8 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
                 if merged_fh is not None:
                     for line in lines:
                         merged_fh.write(line.rstrip(b"\r\n") + b"\n")
-                _add_documents(builders["inputs"], r.input_tokens, r.input_lengths)
-                _add_documents(builders["targets"], r.target_tokens, r.target_lengths)
+                builders["inputs"].add_documents(r.input_tokens, r.input_lengths)
+                builders["targets"].add_documents(r.target_tokens, r.target_lengths)
                 res.rows_written += len(r.good)
                 res.input_tokens += int(r.input_lengths.sum())
                 res.target_tokens += int(r.target_lengths.sum())
@@ -300,11 +299,3 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, *, workers
     res.seconds = time.perf_counter() - t0
     res.work_seconds = time.perf_counter() - t_work
     return res
-
-
-def _add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
-    """One document per row. The builder's add_document writes each row and records its length."""
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        builder.add_document(tokens[s:e], [e - s])
