@@ -157,14 +157,33 @@ def test_two_node_run_completes_with_its_loss_in_the_run_folder(straight, slurm_
     assert "world 2 = pp 1 x tp 1 x dp 2" in main_log and "--no-load-optim" in (run / "job.sbatch").read_text()
 
 
-def test_chain_stops_on_the_pre_timeout_signal_and_resumes_exactly(straight, cluster: SlurmCluster, tmp_path):
-    """Job 1 gets what `--signal=B:USR1@margin` sends (USR1 to the batch shell), saves and exits; job 2 starts
-    after it, drops the first-run flags, resumes from that checkpoint and finishes with the same losses as the
-    uninterrupted run. status and logs are checked while job 2 runs (it spends its first seconds starting up)."""
+def follow_logs(run: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "mtf-train"), "logs", str(run), "-f"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def followed(follow: subprocess.Popen, timeout: float) -> str:
+    """What `logs -f` printed; it must end by itself (the run's jobs have ended) and exit 0."""
+    try:
+        out, err = follow.communicate(timeout=timeout)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0, err
+    return out
+
+
+def test_chain_stops_on_the_pre_timeout_signal_and_a_stopped_run_resumes_with_one_command(straight,
+                                                                                       cluster: SlurmCluster,
+                                                                                       tmp_path):
+    """A chain of 2. Job 1 gets what `--signal=B:USR1@margin` sends (USR1 to the batch shell), saves and exits;
+    job 2 starts after it, drops the first-run flags and resumes from that checkpoint (status and logs are
+    checked while it runs). Job 2 is stopped the same way: with no job left in the chain the run is stopped,
+    status says how to resume it, and `mtf-train resume` (typed from another folder, the run named relative to
+    it) submits job 3, which finishes with the same losses as the uninterrupted run, float for float."""
     run, _ = submit(tmp_path / "runs", chain=2)
     job1, job2 = info(run)["job_ids"]
-    follow = subprocess.Popen([str(BIN / "mtf-train"), "logs", str(run), "-f"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    follow = follow_logs(run)
     try:
         wait_for_step(run, 3)
         cluster.run("scancel", "--batch", "--signal=USR1", job1)
@@ -173,72 +192,48 @@ def test_chain_stops_on_the_pre_timeout_signal_and_resumes_exactly(straight, clu
         s = status(run)
         stopped = s["progress"]["iteration"]
         assert s["state"] == "running" and [j["state"] for j in s["jobs"]] == ["COMPLETED", "RUNNING"], s
-        assert 3 <= stopped < STEPS and s["checkpoint"] == str(run / "checkpoints" / f"global_step{stopped}")
+        assert 3 <= stopped < STEPS - 2 and s["checkpoint"] == str(run / "checkpoints" / f"global_step{stopped}")
         text = mtf("status", str(run), check=True).stdout
         assert f"jobs        {job1} COMPLETED" in text and f"| {job2} RUNNING" in text
         assert f"progress    step {stopped} of {STEPS} |" in text
         assert f"exiting at step {stopped} (kill switch) after saving" in mtf("logs", str(run), check=True).stdout
-        assert cluster.wait_job(job2, timeout=180) == "COMPLETED", diagnose(run)
-        out, err = follow.communicate(timeout=60)  # `logs -f` ends by itself once the chain has ended
+        # Job 2 resumed: stop it too, once it has trained a step.
+        wait_for_step(run, stopped + 1)
+        cluster.run("scancel", "--batch", "--signal=USR1", job2)
+        assert cluster.wait_job(job2, timeout=120) == "COMPLETED", diagnose(run)
+        out = followed(follow, timeout=60)  # `logs -f` ends by itself once the chain has ended
     finally:
         if follow.poll() is None:
             follow.kill()
-    assert follow.returncode == 0, err
     log = events(run)
     assert f"job={job1} saved and exited at step {stopped} of {STEPS}; the next job resumes" in log
     assert f"job={job1} first job: load {run / 'checkpoints'} --no-load-optim --reset-progress" in log
     assert f"job={job1} signal USR1: save and exit" in log
     assert f"job={job2} resume from {run / 'checkpoints'} (global_step{stopped})" in log
-    assert f"job={job2} finished: step {STEPS} of {STEPS}" in log
     assert f"exiting at step {stopped} (kill switch) after saving" in out
+    s = status(run)
+    second = s["progress"]["iteration"]
+    assert stopped < second < STEPS and s["state"] == "stopped" and s["resume"] == f"mtf-train resume {run}", s
+    assert f"job={job2} saved and exited at step {second} of {STEPS}; resume with: mtf-train resume {run}" in log
+    assert f"resume with: mtf-train resume {run}" in mtf("status", str(run), check=True).stdout
+    proc = mtf("resume", f"tiny-local/{run.name}", "--runs-dir", "runs", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = info(run)["job_ids"]  # the run's chain of 2 again: job 3 finishes and cancels job 4
+    assert len(ids) == 4 and ids[:2] == [job1, job2], ids
+    assert f"resuming {run} from step {second}" in proc.stdout
+    assert f"submitted a chain of 2 jobs: {ids[2]} -> {ids[3]}" in proc.stdout
+    follow = follow_logs(run)
+    assert cluster.wait_job(ids[2], timeout=180) == "COMPLETED", diagnose(run)
+    assert cluster.wait_job(ids[3], timeout=30) == "CANCELLED"
+    out = followed(follow, timeout=60)
+    log = events(run)
+    assert f"job={ids[2]} resume from {run / 'checkpoints'} (global_step{second})" in log
+    assert f"job={ids[2]} finished: step {STEPS} of {STEPS}" in log
     assert f"training finished at step {STEPS}" in out
     # The loss continues exactly: the same floats as the uninterrupted run, step for step.
     assert losses(run) == losses(straight["run"])
     assert status(run)["state"] == "finished"
-
-
-def test_a_stopped_sbatch_run_resumes_with_one_command(straight, cluster: SlurmCluster, tmp_path):
-    """A run of one job, stopped by the pre-timeout signal: status says how to resume it, and `mtf-train resume`
-    (typed from another folder, the run named relative to it) submits the next job, which finishes with the
-    same losses as the uninterrupted run."""
-    run, _ = submit(tmp_path / "runs")
-    (job1,) = info(run)["job_ids"]
-    wait_for_step(run, 3)
-    cluster.run("scancel", "--batch", "--signal=USR1", job1)
-    assert cluster.wait_job(job1, timeout=120) == "COMPLETED", diagnose(run)
-    s = status(run)
-    assert s["state"] == "stopped" and s["resume"] == f"mtf-train resume {run}", s
-    assert f"resume with: mtf-train resume {run}" in mtf("status", str(run), check=True).stdout
-    proc = mtf("resume", f"tiny-local/{run.name}", "--runs-dir", "runs", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    ids = info(run)["job_ids"]
-    assert len(ids) == 2 and ids[0] == job1 and f"submitted job {ids[1]}" in proc.stdout
-    assert cluster.wait_job(ids[1], timeout=180) == "COMPLETED", diagnose(run)
-    assert losses(run) == losses(straight["run"])
-    assert status(run)["state"] == "finished"
     assert "nothing to resume" in mtf("resume", str(run)).stderr
-
-
-def test_a_cancelled_submitit_run_resumes_with_one_command(straight, cluster: SlurmCluster, tmp_path):
-    """`mtf-train cancel` (scancel: TERM, the kill switch, a save) then `mtf-train resume`: a new submitit job
-    resumes from the save and finishes with the same losses as the uninterrupted run."""
-    run, _ = submit(tmp_path / "runs", executor="submitit")
-    (job1,) = info(run)["job_ids"]
-    wait_for_step(run, 3)
-    assert f"cancelled job(s) {job1}" in mtf("cancel", str(run), check=True).stdout
-    assert cluster.wait_job(job1, timeout=120) == "CANCELLED"
-    s = status(run)
-    assert s["state"] == "cancelled" and s["resume"] == f"mtf-train resume {run}", s
-    proc = mtf("resume", str(run), timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    ids = info(run)["job_ids"]
-    assert len(ids) == 2 and f"submitted job {ids[1]} through submitit" in proc.stdout
-    wait_until(lambda: (run / "finished").exists(), 240, f"resumed submitit run {run} to finish\n{diagnose(run)}")
-    assert losses(run)[-1][0] == STEPS
-    # Steps run twice (trained past the last save before the cancel) are logged twice; the resumed ones equal
-    # the uninterrupted run's.
-    resumed = {i: x for i, x in losses(run)}
-    assert sorted(resumed.items()) == losses(straight["run"])
 
 
 def test_cancel_stops_the_whole_chain(cluster: SlurmCluster, tmp_path):
@@ -284,27 +279,51 @@ def test_consecutive_failures_stop_the_chain(cluster: SlurmCluster, tmp_path):
     assert status(run)["state"] == "failed"
 
 
-def test_submitit_runs_one_task_per_node_and_requeues_at_the_pre_timeout_signal(straight, cluster: SlurmCluster,
-                                                                              tmp_path):
-    """submitit's signal (USR2 to every task) makes task 0 touch the kill switch, wait for the save, and requeue
-    the job; the requeued job resumes and finishes with the same losses as the uninterrupted run."""
+def test_a_cancelled_submitit_run_resumes_with_one_command_and_requeues_at_the_pre_timeout_signal(
+        straight, cluster: SlurmCluster, tmp_path):
+    """submitit, one task per node. `mtf-train cancel` (scancel: TERM, the kill switch, a save) then
+    `mtf-train resume`: a new submitit job resumes from the save. That job then gets submitit's signal (USR2 to
+    every task): task 0 touches the kill switch, waits for the save and requeues the job, which resumes exactly
+    there and finishes with the same losses as the uninterrupted run."""
     run, proc = submit(tmp_path / "runs", executor="submitit")
-    (job,) = info(run)["job_ids"]
-    assert f"submitted job {job} through submitit" in proc.stdout
+    (job1,) = info(run)["job_ids"]
+    assert f"submitted job {job1} through submitit" in proc.stdout
     wait_for_step(run, 3)
+    assert f"cancelled job(s) {job1}" in mtf("cancel", str(run), check=True).stdout
+    assert cluster.wait_job(job1, timeout=120) == "CANCELLED"
+    s = status(run)
+    assert s["state"] == "cancelled" and s["resume"] == f"mtf-train resume {run}", s
+    proc = mtf("resume", str(run), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = info(run)["job_ids"]
+    assert len(ids) == 2 and ids[0] == job1 and f"submitted job {ids[1]} through submitit" in proc.stdout
+    job = ids[1]
+    wait_until(lambda: f"job={job} resume from" in events(run), 120, f"job {job} to start\n{diagnose(run)}")
+    ran = max(i for i, _ in losses(run))  # job 1's last step; its save may be earlier
+    wait_for_step(run, ran + 1)           # job 2 trains on past it
     cluster.run("scancel", "--signal=USR2", job)  # what submitit's --signal=USR2@margin does
     wait_until(lambda: (run / "finished").exists(), 240, f"submitit run {run} to finish\n{diagnose(run)}")
     assert cluster.wait_job(job, timeout=60) == "COMPLETED", diagnose(run)
     log = events(run)
-    stopped = int(log.split("saved and exited at step ")[1].split()[0])
+    resumed = [int(x) for x in re.findall(rf"job={job} resume from {re.escape(str(run / 'checkpoints'))} "
+                                          r"\(global_step(\d+)\)", log)]
+    stopped = int(log.split(f"job={job} saved and exited at step ")[1].split()[0])
+    assert len(resumed) == 2 and resumed[0] <= ran < stopped == resumed[1], (resumed, ran, log)
     assert f"job={job} submitit pre-timeout signal: save, exit and requeue" in log
-    assert f"job={job} resume from {run / 'checkpoints'} (global_step{stopped})" in log
     assert log.count(f"job={job} start: 2 node(s) x 1 (role node)") == 2
-    assert losses(run) == losses(straight["run"])
-    submission = next(run.glob("submitit/*/*_submission.sh")).read_text()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR2@300",
-                 "#SBATCH --partition=debug", "#SBATCH --time=30"):
-        assert line in submission, line
+    # Steps trained past the last save before the cancel are logged twice; from the resumed job on, each step
+    # once (the requeue resumes exactly where it saved), and every step's loss is the uninterrupted run's.
+    got = losses(run)
+    first = next((k for k in range(1, len(got)) if got[k][0] <= got[k - 1][0]), 0)  # job 2's first step, if a repeat
+    before = got[first - 1][0] if first else resumed[0]
+    assert [i for i, _ in got] == list(range(1, before + 1)) + list(range(resumed[0] + 1, STEPS + 1)), got
+    assert sorted(dict(got).items()) == losses(straight["run"])
+    assert got[-(STEPS - resumed[0]):] == losses(straight["run"])[resumed[0]:]
+    for submission in run.glob("submitit/*/*_submission.sh"):
+        text = submission.read_text()
+        for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR2@300",
+                     "#SBATCH --partition=debug", "#SBATCH --time=30"):
+            assert line in text, (submission, line)
     assert status(run)["state"] == "finished"
 
 
