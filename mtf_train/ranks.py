@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import select
 import signal
 import socket
 import sys
@@ -182,25 +183,23 @@ class Ranks:
         deadline = None if timeout is None else time.monotonic() + timeout
         live = dict(self.pids)
         try:
-            while live:
-                ended = [(pid, status) for pid, status in (os.waitpid(p, os.WNOHANG) for p in live) if pid]
-                if not ended:
-                    if deadline is not None and time.monotonic() > deadline:
+            with _ExitWatch(live) as watch:
+                while live:
+                    for pid in watch.ended(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                        _, status = os.waitpid(pid, 0)
+                        del live[pid]
+                        code = os.waitstatus_to_exitcode(status)
+                        code = 128 - code if code < 0 else code
+                        if code != 0:
+                            self._kill(live)
+                            live = {}
+                            sys.stderr.flush()
+                            os.write(2 if self.output is None else self.output,
+                                     f"{PROG}: rank {self.pids[pid]} exited with code {code}; the other ranks were "
+                                     f"stopped\n".encode())
+                            return 1
+                    if live and deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError(f"{self.module} on {self.world} ranks: not done within {timeout:.0f} s")
-                    time.sleep(0.02)
-                    continue
-                for pid, status in ended:
-                    del live[pid]
-                    code = os.waitstatus_to_exitcode(status)
-                    code = 128 - code if code < 0 else code
-                    if code != 0:
-                        self._kill(live)
-                        live = {}
-                        sys.stderr.flush()
-                        os.write(2 if self.output is None else self.output,
-                                 f"{PROG}: rank {self.pids[pid]} exited with code {code}; the other ranks were "
-                                 f"stopped\n".encode())
-                        return 1
             return 0
         finally:
             self._kill(live)
@@ -217,6 +216,53 @@ class Ranks:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+
+
+class _ExitWatch:
+    """Waits for some of this process's children to exit without reaping any (the caller reaps what `ended`
+    returns) and without waking while they run: a pidfd per child, polled; where pidfds are missing (not Linux
+    5.3+), `waitid(WNOWAIT)` every 20 ms."""
+
+    def __init__(self, pids):
+        self.fds: dict[int, int] = {}
+        self.pending: list[int] = []
+        self.poller = select.poll()
+        try:
+            for pid in pids:
+                fd = os.pidfd_open(pid)
+                self.fds[fd] = pid
+                self.poller.register(fd, select.POLLIN)
+        except (AttributeError, OSError):
+            self.close()
+            self.pending = list(pids)
+
+    def ended(self, timeout: float | None) -> list[int]:
+        """The children that have exited, waiting up to `timeout` seconds (None: until one does)."""
+        if self.fds:
+            events = self.poller.poll(None if timeout is None else timeout * 1000)
+            pids = [self.fds.pop(fd) for fd, _ in events]
+            for fd, _ in events:
+                self.poller.unregister(fd)
+                os.close(fd)
+            return pids
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pids = [p for p in self.pending if os.waitid(os.P_PID, p, os.WEXITED | os.WNOHANG | os.WNOWAIT)]
+            if pids or (end is not None and time.monotonic() >= end):
+                self.pending = [p for p in self.pending if p not in pids]
+                return pids
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @contextlib.contextmanager

@@ -145,10 +145,15 @@ for n in (1, 2):
     print("code", code)
 os.environ["ACT"] = "fail"
 print("code", ranks.run(2, "probe", [f"--tag={out}"], out / "fail.log", env={"ACT": "fail"}))
+def switches():
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+before = switches()
 try:
     ranks.run(2, "probe", [f"--tag={out}"], out / "slow.log", env={"ACT": "sleep"}, timeout=2)
 except TimeoutError as err:
     print("timeout", err)
+(out / "wakeups").write_text(str(switches() - before))
 try:
     os.waitpid(-1, os.WNOHANG)
     print("a child is left")
@@ -163,7 +168,9 @@ def test_run_from_a_caller(tmp_path, thread):
     all its runs) unless a thread runs there; their output goes to the log; the caller's buffered output and exit
     handlers stay the caller's; a failed rank gives 1, a timeout kills the ranks."""
     (tmp_path / "heavy.py").write_text(HEAVY)
-    (tmp_path / "probe.py").write_text(PROBE.replace('os.write(1, " ".join(', 'print(os.getcwd(), flush=True)\n    os.write(1, " ".join('))
+    # each line in one write: the two ranks share the log
+    (tmp_path / "probe.py").write_text(PROBE.replace('os.write(1, " ".join(',
+                                                     'os.write(1, (os.getcwd() + "\\n").encode())\n    os.write(1, " ".join('))
     (tmp_path / "cwd").mkdir()
     (tmp_path / "caller.py").write_text(CALLER)
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OUT=str(tmp_path))
@@ -187,3 +194,32 @@ def test_run_from_a_caller(tmp_path, thread):
         assert len(importers) == 4 and f"imported-{caller_pid[0]}" not in importers
     else:
         assert importers == {f"imported-{caller_pid[0]}"} and {r[6] for r in rows} == {"True"}
+        # Waiting for forked ranks blocks until one exits or the timeout: no polling while they run (a 20 ms poll
+        # woke the caller ~100 times in those 2 s).
+        assert int((tmp_path / "wakeups").read_text()) < 30
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+def test_exit_watch_returns_exited_children_without_reaping_them(monkeypatch, pidfd):
+    """`ranks._ExitWatch`: the ranks that ended, waited for without a poll loop where Linux has pidfds; left for the
+    caller to reap. `no-pidfd` removes os.pidfd_open, as on a kernel before 5.3 (not reproducible here for real)."""
+    import subprocess as sp
+    import time
+
+    from mtf_train import ranks
+
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open")
+    quick, slow = (sp.Popen([sys.executable, "-c", f"import time; time.sleep({t})"]) for t in (0.3, 30))
+    try:
+        with ranks._ExitWatch([quick.pid, slow.pid]) as watch:
+            assert bool(watch.fds) == pidfd
+            t0 = time.monotonic()
+            assert watch.ended(0.05) == [] and time.monotonic() - t0 < 1
+            assert watch.ended(60) == [quick.pid]
+            assert os.waitpid(quick.pid, 0)[0] == quick.pid  # not reaped by the watch
+            quick.returncode = 0
+            assert watch.ended(0.1) == []
+    finally:
+        slow.kill()
+        slow.wait()
