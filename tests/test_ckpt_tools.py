@@ -114,6 +114,28 @@ def test_torch_free_reads_equal_torchs(trained):
                                                                                 torch_free=False)
 
 
+def test_a_torch_global_without_a_stand_in_is_read_with_torch(trained, env, tmp_path):
+    """A global torch's allowlist has but the torch-free reader does not (here an fp8 dtype in the saved args):
+    NeedsTorch, and inspect and the input checks read the file with torch instead, as before."""
+    import torch
+
+    from mtf_train.ckpt.torchzip import NeedsTorch, TorchFile
+
+    ck = tmp_path / "ck"
+    shutil.copytree(trained["tp2"], ck)
+    mp = ck / "global_step2" / "mp_rank_00_model_states.pt"
+    sd = torch.load(mp, weights_only=False)
+    sd["args"]["fp8_dtype"] = torch.float8_e4m3fn
+    torch.save(sd, mp)
+    with TorchFile(mp) as tf, pytest.raises(NeedsTorch, match="torch.float8_e4m3fn"):
+        tf.load(torch_free=True)
+    proc, imported = mtf_imports("ckpt", "inspect", str(ck), "--json", env=env)
+    assert proc.returncode == 0 and "torch" in imported, (imported, proc.stderr)
+    assert json.loads(proc.stdout)["tp"] == 2
+    assert "heads are not divisible by tensor parallel size 3" in one_line_error(
+        mtf("ckpt", "reshape", str(ck), "--tp", "3", "--pp", "1", "-o", str(tmp_path / "out"), env=env))
+
+
 RESHAPES = [("tp1", 2, 1), ("tp2", 1, 1), ("tp1", 1, 2), ("pp2", 1, 1), ("tp2pp2", 1, 1)]
 
 
