@@ -245,6 +245,8 @@ class _ExitWatch:
                 self.poller.unregister(fd)
                 os.close(fd)
             return pids
+        if not self.pending:
+            return []
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             pids = [p for p in self.pending if os.waitid(os.P_PID, p, os.WEXITED | os.WNOHANG | os.WNOWAIT)]

@@ -25,9 +25,9 @@ def mtf(*args: str, cwd: str | os.PathLike | None = None, env: dict | None = Non
 
 
 HEAVY = ("torch", "deepspeed", "megatron", "transformers")
-_PROBE = ("import json, sys\nfrom mtf_train.cli import main\ncode = main(sys.argv[2:])\nsys.stdout.flush()\n"
-          "open(sys.argv[1], 'w').write(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-          f"{HEAVY!r} and '.' not in m)))\nsys.exit(code)\n")
+_PROBE = ("import json, sys\nfrom mtf_train.cli import main\ntry:\n    code = main(sys.argv[2:])\nfinally:\n"
+          "    sys.stdout.flush()\n    open(sys.argv[1], 'w').write(json.dumps(sorted(m for m in sys.modules "
+          f"if m in {HEAVY!r})))\nsys.exit(code)\n")
 
 
 def mtf_imports(*args: str, cwd: str | os.PathLike | None = None, env: dict | None = None,

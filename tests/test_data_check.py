@@ -8,7 +8,7 @@ from mtf_train.data.cli import main
 from mtf_train.data.packed import build_datasets, recipe_sample_counts
 from mtf_train.data.testing import SAMPLE_DIR
 from mtf_train.recipe.load import load_recipe, path_groups
-from tests.helpers import RECIPES, ROOT, mtf, one_line_error
+from tests.helpers import RECIPES, ROOT, mtf, mtf_imports, one_line_error
 
 TINY = str(RECIPES / "tiny-local.yaml")
 
@@ -127,9 +127,6 @@ def test_a_local_run_checks_its_data_root_before_starting(tmp_path):
 def test_check_reads_the_indexes_as_megatron_does_without_importing_it():
     """`data check` reads each .idx with numpy alone (a login node, a fraction of a second): its documents and
     example lengths are megatron's, and neither torch nor megatron is imported on the way."""
-    import subprocess
-    import sys
-
     import numpy as np
 
     from mtf_train.data.indexed import MTFPair, pair_index
@@ -138,8 +135,6 @@ def test_check_reads_the_indexes_as_megatron_does_without_importing_it():
         prefix = str(p).removesuffix("_inputs_document.idx")
         lengths, pair = pair_index(prefix), MTFPair(prefix)
         assert len(lengths) == pair.check() and np.array_equal(lengths, pair.lengths())
-    probe = ("import sys\nfrom mtf_train.data.cli import main\n"
-             f"main(['data', 'check', {str(ROOT / 'data_paths/sample_train.txt')!r}, '--root', {str(SAMPLE_DIR)!r}])\n"
-             "print(sorted(m for m in ('torch', 'megatron', 'deepspeed') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert "all 8 datasets have their four files" in out and out.splitlines()[-1] == "[]", out
+    proc, imported = mtf_imports("data", "check", str(ROOT / "data_paths/sample_train.txt"), "--root", str(SAMPLE_DIR))
+    assert proc.returncode == 0 and "all 8 datasets have their four files" in proc.stdout, proc.stdout + proc.stderr
+    assert imported == [], imported

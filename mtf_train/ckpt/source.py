@@ -43,11 +43,7 @@ def read_source(folder, step: int | None = None, torch_free: bool = False) -> So
     from mtf_train.ckpt.client import read_checkpoint
 
     ck, state = read_checkpoint(folder, step, torch_free=torch_free)
-    if torch_free:
-        with TorchFile(ck.mp_files[0]) as tf:
-            client = tf.load(torch_free=True)
-    else:
-        client = load_small(ck.mp_files[0])
+    client = state.raw if torch_free else load_small(ck.mp_files[0])  # the file as read, tensors unread
     args = state.args
     missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if not isinstance(args.get(k), int)]
     if missing:

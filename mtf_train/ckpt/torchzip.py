@@ -308,6 +308,8 @@ class TorchFile:
         except UnsafeCheckpoint as err:
             raise CkptError(err.where, err.reason) from None
         except Exception as err:  # a broken pickle: any exception type is possible
+            if torch_free:  # or a stand-in that does not fit: the torch reader gives the verdict
+                raise NeedsTorch(f"{type(err).__name__}: {err}") from None
             raise CkptError(str(self.path), f"corrupt data.pkl ({type(err).__name__}: {err})") from None
 
     def read_elements(self, storage: LazyStorage, start: int, count: int):
