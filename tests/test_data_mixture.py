@@ -9,7 +9,7 @@ from mtf_train.data.indexed import MTFPair
 from mtf_train.data.mixture import MixtureError, load_mixture, write_path_files
 from mtf_train.data.pathfile import read_path_file
 from mtf_train.data.testing import SAMPLE_DIR, synthetic_mtf
-from tests.helpers import ROOT, mtf, one_line_error
+from tests.helpers import ROOT, mtf, mtf_imports, one_line_error
 
 PATHS = ROOT / "data_paths"
 
@@ -105,3 +105,18 @@ def test_mixture_cli_writes_and_checks(tmp_path):
     assert proc.returncode == 1 and "xp3capmixnewcodelong_validation.txt: differs" in proc.stdout
     err = one_line_error(mtf("data", "mixture", str(tmp_path / "none.yaml"), "-o", str(tmp_path)))
     assert "none.yaml: cannot read" in err
+
+
+def test_mixture_cli_measures_indexed_data_without_torch(tmp_path):
+    """Measuring indexed datasets reads their .idx files with numpy: a login node writes a mixture in a fraction
+    of a second, and `-o` onto a file is refused before anything is measured."""
+    proc, imported = mtf_imports("data", "mixture", str(PATHS / "sample_mixture.yaml"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "code: size 9,489 (tokens of " in proc.stdout and imported == []
+    for name in ("sample_train.txt", "sample_validation.txt"):
+        assert (tmp_path / "out" / name).read_bytes() == (PATHS / name).read_bytes()
+    (tmp_path / "f").write_text("")
+    proc, imported = mtf_imports("data", "mixture", str(PATHS / "sample_mixture.yaml"), "-o", str(tmp_path / "f"))
+    assert one_line_error(proc) == f"mtf-train: error: {tmp_path / 'f'}: -o: is a file; the path files are written " \
+                                   "into a folder"
+    assert imported == [] and "size" not in proc.stdout

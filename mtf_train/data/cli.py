@@ -123,7 +123,7 @@ def cmd_index(args) -> int:
     train, valid = build_datasets(train_groups, valid_groups, seq_length=recipe.model.seq_length,
                                   train_samples=counts.train_samples,
                                   eval_samples_per_group=counts.eval_samples_per_group,
-                                  seed=recipe.training.seed, pad_id=0, cache_dir=args.cache_dir)
+                                  seed=recipe.training.seed, pad_id=0, cache_dir=args.cache_dir, open_readers=False)
     print(f"{args.recipe}: seq_length {recipe.model.seq_length}, seed {recipe.training.seed}, "
           f"{counts.train_samples:,} train samples ({counts.train_iters:,} steps), "
           f"{counts.eval_samples_per_group:,} eval samples per validation group")
@@ -147,8 +147,10 @@ def cmd_index(args) -> int:
 def cmd_mixture(args) -> int:
     from pathlib import Path
 
-    from mtf_train.data.mixture import load_mixture, write_path_files
+    from mtf_train.data.mixture import check_output_dir, load_mixture, write_path_files
 
+    if not args.check:
+        check_output_dir(args.output_dir)
     mix = load_mixture(args.mixture, root=args.root)
     for d in mix.datasets:
         if d.measured:

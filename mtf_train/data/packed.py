@@ -20,7 +20,7 @@ import numpy as np
 
 from mtf_train.data import cache, packing
 from mtf_train.data.errors import DataError
-from mtf_train.data.indexed import MTFPair
+from mtf_train.data.indexed import MTFPair, pair_index
 from mtf_train.data.pathfile import Group
 from mtf_train.rules import eval_samples_per_group
 
@@ -37,14 +37,22 @@ def _index_name(prefix: str, lo: int, hi: int, seq_length: int, num_samples: int
 
 
 class PackedMTFDataset:
-    """One dataset's rows: `num_samples` rows of seq_length + 1 tokens packed from documents [lo, hi)."""
+    """One dataset's rows: `num_samples` rows of seq_length + 1 tokens packed from documents [lo, hi).
+
+    The packing reads the example lengths from the two .idx files with numpy; `open_reader` also opens megatron's
+    reader, which reads the tokens, now (the trainer: a dataset it cannot read fails before the first step)
+    rather than on first read (`data index`, which reads no tokens and so imports no torch or megatron)."""
 
     def __init__(self, prefix: str, doc_range=None, *, seq_length: int, num_samples: int,
-                 seed: int, pad_id: int, cache_dir: str | os.PathLike | None = None, split: str = ""):
+                 seed: int, pad_id: int, cache_dir: str | os.PathLike | None = None, split: str = "",
+                 open_reader: bool = True):
         self.prefix, self.seq_length, self.num_samples = prefix, seq_length, num_samples
         self.seed, self.pad_id = seed, pad_id
-        self.pair = MTFPair(prefix)
-        self.num_docs = self.pair.check()
+        all_lengths = pair_index(prefix)
+        self.num_docs = len(all_lengths)
+        self._pair = None
+        if open_reader:
+            self.pair  # opened and checked now
         # doc_range: (lo, hi), or a function of the document count such as Entry.doc_range, or None = all.
         if doc_range is None:
             doc_range = (0, self.num_docs)
@@ -53,7 +61,7 @@ class PackedMTFDataset:
             raise DataError(prefix, f"split {split or f'{lo}:{hi}'} of {self.num_docs} documents selects "
                             f"documents [{lo}, {hi}), which is empty")
         self.doc_range = (lo, hi)
-        lengths = self.pair.lengths(lo, hi)
+        lengths = all_lengths[lo:hi]
         folder = cache.cache_dir_for(prefix, cache_dir)
         self.index_path = folder / _index_name(prefix, lo, hi, seq_length, num_samples, seed, lengths)
         row_len = seq_length + 1
@@ -68,6 +76,15 @@ class PackedMTFDataset:
         self.skipped = self._index.skipped
         self.epochs = self._index.epochs
         self.rows_per_epoch = self._index.rows_per_epoch
+
+    @property
+    def pair(self) -> MTFPair:
+        """megatron's reader of the inputs and targets, checked to count the documents the index holds."""
+        if self._pair is None:
+            pair = MTFPair(self.prefix)
+            pair.check()
+            self._pair = pair
+        return self._pair
 
     @property
     def index(self) -> packing.PackIndex:
@@ -145,28 +162,29 @@ ValidDataset = BlendedMTFDataset
 
 
 def _group_dataset(group: Group, num_samples: int, *, seq_length: int, seed: int, pad_id: int,
-                   cache_dir) -> BlendedMTFDataset:
+                   cache_dir, open_readers: bool) -> BlendedMTFDataset:
     weights = [e.weight for e in group.entries]
     sizes = packing.samples_per_dataset(weights, num_samples)
     datasets = []
     for entry, size in zip(group.entries, sizes):
         datasets.append(PackedMTFDataset(entry.prefix, entry.doc_range, seq_length=seq_length,
                                          num_samples=size, seed=seed, pad_id=pad_id, cache_dir=cache_dir,
-                                         split=entry.split_text))
+                                         split=entry.split_text, open_reader=open_readers))
     return BlendedMTFDataset(group.name, datasets, weights, num_samples)
 
 
 def build_datasets(train_groups: list[Group], valid_groups: list[Group], *, seq_length: int, train_samples: int,
-                   eval_samples_per_group: int, seed: int, pad_id: int, cache_dir=None
+                   eval_samples_per_group: int, seed: int, pad_id: int, cache_dir=None, open_readers: bool = True
                    ) -> tuple[TrainDataset, dict[str, ValidDataset]]:
-    """The training blend and one validation blend per validation group (none when no eval samples)."""
+    """The training blend and one validation blend per validation group (none when no eval samples).
+    `open_readers=False`: the packing indexes alone (see PackedMTFDataset)."""
     if len(train_groups) != 1:
         raise DataError("train path file", f"exactly one training group is expected, got {len(train_groups)}"
                         + (f" ({', '.join(g.name for g in train_groups)})" if train_groups else ""))
     if seq_length < 1 or train_samples < 1:
         raise DataError("build_datasets", f"seq_length and train_samples must be positive, got "
                         f"{seq_length} and {train_samples}")
-    kw = dict(seq_length=seq_length, seed=seed, pad_id=pad_id, cache_dir=cache_dir)
+    kw = dict(seq_length=seq_length, seed=seed, pad_id=pad_id, cache_dir=cache_dir, open_readers=open_readers)
     train = _group_dataset(train_groups[0], train_samples, **kw)
     valid = {}
     if eval_samples_per_group > 0:
