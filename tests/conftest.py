@@ -41,8 +41,7 @@ E2E: dict[str, str | set[str]] = {
     "test_train_parallel": "*",
     "test_train_blocks_tp2": "*",
     "test_benchmarks": "*",
-    "test_launch_cli": {"test_submitit_without_slurm_runs_here_with_its_local_executor",
-                        "test_submitit_without_slurm_stops_on_ctrl_c_and_resumes",
+    "test_launch_cli": {"test_submitit_without_slurm_runs_here_stops_on_ctrl_c_and_resumes",
                         "test_preflight_of_a_local_recipe_runs_here_not_through_sbatch"},
     "test_data_check": {"test_index_builds_ahead_and_the_trainer_reuses_it"},
 }

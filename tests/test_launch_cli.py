@@ -183,28 +183,6 @@ def test_help_lists_launch_commands():
     assert os.access(BIN / "mtf-train", os.X_OK)
 
 
-def test_submitit_without_slurm_runs_here_with_its_local_executor(tmp_path):
-    """No srun/sbatch: submitit's local executor runs the job script's node role on this machine (the real
-    trainer, 2 CPU processes, 3 steps) and mtf-train waits for it."""
-    code = f"""
-import sys
-from mtf_train.launch import slurm
-real = slurm.available
-slurm.available = lambda c="sbatch": False if c in ("srun", "sbatch") else real(c)
-from mtf_train.cli import main
-sys.exit(main([{TINY!r}, "--executor", "submitit", "--runs-dir", {str(tmp_path)!r}, "--set", "eval.iters=0",
-               "--set", "training.train_iters=3", "--set", "checkpoint.interval=1000"]))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (run,) = runs_of(tmp_path)
-    info = json.loads((run / "run.json").read_text())
-    assert info["state"] == "completed" and info["job_ids"] == [] and info["submitit"]["executor"] == "local"
-    assert (run / "finished").exists() and "job=local finished: step 3 of 3" in (run / "events.log").read_text()
-    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step3"
-    assert json.loads(mtf("status", str(run), "--json", check=True).stdout)["state"] == "finished"
-
-
 def test_runs_dir_that_is_a_file_is_one_line(tmp_path):
     f = tmp_path / "runs"
     f.write_text("")
@@ -274,10 +252,11 @@ def test_every_markdown_file_the_repository_names_is_in_it():
     assert missing == []
 
 
-def test_submitit_without_slurm_stops_on_ctrl_c_and_resumes(tmp_path):
-    """submitit's local executor: Ctrl-C at the terminal (SIGINT to the foreground process group) reaches mtf-train
+def test_submitit_without_slurm_runs_here_stops_on_ctrl_c_and_resumes(tmp_path):
+    """No srun/sbatch: submitit's local executor runs the job script's node role on this machine (the real
+    trainer, 2 CPU processes). Ctrl-C at the terminal (SIGINT to the foreground process group) reaches mtf-train
     alone, which turns it into the kill switch: the job saves, the run is recorded as stopped, and `mtf-train
-    resume` finishes it from that checkpoint."""
+    resume` finishes it from that checkpoint, waiting for the job as the first command did."""
     code = f"""
 import sys
 from mtf_train.launch import slurm
@@ -310,7 +289,11 @@ sys.exit(main(sys.argv[1:]))
     done = subprocess.run([sys.executable, "-c", code, "resume", str(run)], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert (run / "finished").exists() and json.loads((run / "run.json").read_text())["state"] == "completed"
+    info = json.loads((run / "run.json").read_text())
+    assert info["state"] == "completed" and info["job_ids"] == [] and info["submitit"]["executor"] == "local"
+    assert (run / "finished").exists() and "job=local finished: step 12 of 12" in (run / "events.log").read_text()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step12"
+    assert json.loads(mtf("status", str(run), "--json", check=True).stdout)["state"] == "finished"
     steps = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 12 and sorted(set(steps)) == list(range(1, 13))
 
