@@ -35,13 +35,31 @@ def new_run(runs: Path) -> Path:
     return run
 
 
+# DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal, as its command line runs it) for each
+# (input, output) pair of argv, in one process: it imports torch and DeepSpeed once for all of them.
+_TO_UNIVERSAL = """import sys
+from deepspeed.checkpoint import ds_to_universal
+pairs = sys.argv[1:]
+for src, dst in zip(pairs[::2], pairs[1::2]):
+    sys.argv = ["ds_to_universal", "--input_folder", src, "--output_folder", dst, "--num_extract_workers", "1",
+                "--num_merge_workers", "1"]
+    ds_to_universal.main(ds_to_universal.parse_arguments())
+"""
+
+
 @pytest.fixture(scope="module")
 def trained(shape_run, tmp_path_factory) -> dict[tuple, Path]:
-    """Each shape's shared 4-step run (tests/fixtures.py), copied with its step-3 checkpoint (we write the
-    universal form next to it)."""
+    """Each shape's shared 4-step run (tests/fixtures.py), copied with its step-3 checkpoint and, next to it,
+    that checkpoint in DeepSpeed's universal form (`latest_universal`)."""
     assert SHAPE_STEPS == STEPS
-    return {shape: view(shape_run(*shape), tmp_path_factory.mktemp("shape-" + "x".join(map(str, shape))) / "run", [3])
+    runs = {shape: view(shape_run(*shape), tmp_path_factory.mktemp("shape-" + "x".join(map(str, shape))) / "run", [3])
             for shape in SHAPES}
+    pairs = [str(run / "checkpoints" / name) for run in runs.values()
+             for name in ("global_step3", "global_step3_universal")]
+    subprocess.run([sys.executable, "-c", _TO_UNIVERSAL, *pairs], check=True, capture_output=True, timeout=600)
+    for run in runs.values():
+        (run / "checkpoints" / "latest_universal").write_text("global_step3_universal")
+    return runs
 
 
 def test_every_shape_gives_the_same_losses(trained):
@@ -52,24 +70,13 @@ def test_every_shape_gives_the_same_losses(trained):
         assert got == pytest.approx(reference, rel=RTOL), (shape, got, reference)
 
 
-def to_universal(run: Path) -> Path:
-    ckpt = run / "checkpoints"
-    if not (ckpt / "latest_universal").exists():
-        src, dst = ckpt / "global_step3", ckpt / "global_step3_universal"
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-                        "--output_folder", str(dst), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                       check=True, capture_output=True, timeout=300)
-        (ckpt / "latest_universal").write_text("global_step3_universal")
-    return ckpt
-
-
 RING = [(SHAPES[i], SHAPES[(i + 1) % len(SHAPES)]) for i in range(len(SHAPES))]
 
 
 @pytest.mark.parametrize("source,target", RING, ids=["x".join(map(str, s)) + "-to-" + "x".join(map(str, t))
                                                      for s, t in RING])
 def test_universal_checkpoint_loads_at_the_next_shape(trained, tmp_path, source, target):
-    ckpt = to_universal(trained[source])
+    ckpt = trained[source] / "checkpoints"
     expected = train_losses(trained[source])[3]  # step 4, after resuming from step 3
     runs = tmp_path / ("to-" + "x".join(map(str, target)))
     proc = mtf("run", TINY, "--runs-dir", str(runs), *shape_sets(*target), "--set", f"checkpoint.load={ckpt}",
