@@ -1,8 +1,8 @@
 """Trained tiny checkpoints shared by the whole session (one training run per shape, started on first use).
 
-- `shape_run(tp, pp, dp)`: the tiny recipe trained 4 steps at that shape (micro 2, global 8, fp32, checkpoint
-  every step, no eval), as tests/test_train_shapes.py and tests/test_ckpt_tools.py train it. Their data and
-  learning rate do not depend on the run's length (packing and blending are prefix-stable; all 4 steps are in
+- `shape_run(tp, pp, dp)`: the tiny recipe trained 4 steps at that shape (micro 2, global 8, fp32, checkpoint every
+  step, no eval, no loss curve), as tests/test_train_shapes.py and tests/test_ckpt_tools.py train it. Their data
+  and learning rate do not depend on the run's length (packing and blending are prefix-stable; all 4 steps are in
   warm-up), so a 2- or 3-step run is this run's prefix: the tests take the steps they need with `view()`.
 - `tiny_default_run`: README's first command, `mtf-train recipes/tiny-local.yaml` (120 steps, checkpoints at
   60 and 120, evaluation every 40), shared by tests/test_train_run.py and tests/test_eval.py.
@@ -32,7 +32,7 @@ def shape_sets(tp: int, pp: int, dp: int) -> list[str]:
     out = []
     for s in (f"parallel.tp={tp}", f"parallel.pp={pp}", f"cluster.gpus_per_node={tp * pp * dp}", "eval.iters=0",
               "logging.log_interval=1", "checkpoint.interval=1", f"training.train_iters={SHAPE_STEPS}",
-              "batch.micro=2", "batch.global=8"):
+              "batch.micro=2", "batch.global=8", "logging.loss_curve=false"):
         out += ["--set", s]
     return out
 

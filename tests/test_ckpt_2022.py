@@ -34,7 +34,7 @@ def sets(*items: str) -> list[str]:
 def train_sets(tp: int, pp: int, iters: int, *more: str) -> list[str]:
     return sets(f"parallel.tp={tp}", f"parallel.pp={pp}", f"cluster.gpus_per_node={tp * pp}", "eval.iters=0",
                 "logging.log_interval=1", "checkpoint.interval=2", f"training.train_iters={iters}", "batch.micro=2",
-                "batch.global=8", "precision.dtype=bf16", "model.num_layers=6", *more)
+                "batch.global=8", "precision.dtype=bf16", "model.num_layers=6", "logging.loss_curve=false", *more)
 
 
 def only_run(runs: Path) -> Path:

@@ -82,6 +82,7 @@ FROM_RECIPE = {
     "eval_interval": lambda r: r.eval.interval,
     "eval_iters": lambda r: r.eval.iters,
     "tensorboard_queue_size": lambda r: r.logging.tensorboard_queue_size,
+    "no_loss_curve": lambda r: not r.logging.loss_curve,
     "distributed_backend": lambda r: r.runtime.distributed_backend,
 }
 # The rest: paths and switches of the job itself (or of a run's first job), not recipe values.
@@ -126,6 +127,7 @@ OTHER = {  # the other length, padding and precision; the switches the built-in 
     "training": {"train_samples": 160, "seed": 7, "recompute": "full", "compile": False, "norm_target_loss": False,
                  "exit_duration_in_mins": 30},
     "cluster": {"accelerator": "gpu", "nodes": 1, "gpus_per_node": 2},
+    "logging": {"log_interval": 2, "tensorboard_queue_size": 7, "loss_curve": False},
     "runtime": {"distributed_backend": "nccl"},
 }
 

@@ -16,7 +16,8 @@ import pytest
 from tests.helpers import RECIPES, mtf
 
 TINY = str(RECIPES / "tiny-local.yaml")
-QUICK = ["eval.iters=0", "logging.log_interval=1", "checkpoint.interval=1000"]
+# No loss curve (a second of CPU per job): the default run above draws and checks it.
+QUICK = ["eval.iters=0", "logging.log_interval=1", "checkpoint.interval=1000", "logging.loss_curve=false"]
 # A run that outlasts any test that stops it (minutes at ~0.3 s a step). Not 100000: its packing index (1.6M samples,
 # thousands of epochs of the tiny sample) alone costs ~27 s of CPU to build.
 LONG = 1000
@@ -178,6 +179,7 @@ def test_bf16_stops_saves_and_resumes_exactly_past_an_interrupted_save(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "global_step2" in proc.stdout and latest(run) == "global_step4"
     assert (run / "finished").exists()
+    assert "loss curve:" not in proc.stdout and not (run / "loss_curve.png").exists()  # logging.loss_curve=false
     got = losses(run)  # appended by each job: steps 1-2, the failed job's 3-4, the last job's 3-4
     assert [i for i, _ in got] == [1, 2, 3, 4, 3, 4] and all(0 < x < 20 for _, x in got)
     assert got[4:] == got[2:4]  # exact float equality

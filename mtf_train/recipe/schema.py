@@ -235,6 +235,8 @@ class Logging:
     log_interval: int = f(1, "Log every this many steps (`--log-interval`).", min=1)
     tensorboard: bool = f(True, "Write TensorBoard events into the run's `tensorboard/` folder.")
     tensorboard_queue_size: int = f(5, "TensorBoard writer queue (`--tensorboard-queue-size`).", min=1)
+    loss_curve: bool = f(True, "Draw `loss_curve.png` in the run folder at the end of each job (matplotlib, about "
+                         "a second of CPU; false: `--no-loss-curve`).")
 
 
 @dataclass

@@ -91,6 +91,8 @@ def trainer_args(r: Recipe, s: Shape, *, save: str, tensorboard_dir: str | None,
     if tensorboard_dir is not None:
         a += ["--tensorboard-dir", tensorboard_dir, "--tensorboard-queue-size", str(r.logging.tensorboard_queue_size),
               "--log-timers-to-tensorboard", "--log-batch-size-to-tensorboard", "--log-validation-ppl-to-tensorboard"]
+    if not r.logging.loss_curve:
+        a.append("--no-loss-curve")
     # --load comes from the job script: checkpoint.load for a run's first job, --save for every later one.
     a += ["--save", save, "--train-weighted-split-paths-path", train_path]
     if valid_path is not None:

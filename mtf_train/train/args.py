@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-timers-to-tensorboard", action="store_true")
     g.add_argument("--log-batch-size-to-tensorboard", action="store_true")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
+    g.add_argument("--no-loss-curve", action="store_true", help="do not draw loss_curve.png at the end")
     g.add_argument("--tflops-per-gpu-peak", type=float, default=None,
                    help="peak TFLOP/s per device for MFU in the log (default: the GPU's dense bf16/fp16 peak "
                         "from its name, e.g. 989 on H100/H200, 312 on A100; none on CPU)")

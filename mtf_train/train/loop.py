@@ -304,7 +304,7 @@ def log_step(t: Trainer, loss: float, lr: float, batch_size: int, window: Window
 
 def finish(t: Trainer, exit_reason: str | None) -> None:
     args, metrics, progress = t.cfg.args, t.metrics, t.progress
-    png = metrics.close()
+    png = metrics.close(loss_curve=not args.no_loss_curve)
     if exit_reason:
         # The job script runs the trainer in its run folder; `mtf-train resume` starts that folder's job again.
         run_dir = metrics.run_dir

@@ -37,14 +37,14 @@ class Metrics:
         if self.enabled:
             print(line, flush=True)
 
-    def close(self) -> Path | None:
-        """Flush TensorBoard and draw the loss curve; return the PNG's path."""
+    def close(self, loss_curve: bool = True) -> Path | None:
+        """Flush TensorBoard and draw the loss curve (unless not asked to); return the PNG's path."""
         if not self.enabled:
             return None
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
-        return plot_loss_curve(self.path, self.run_dir / "loss_curve.png")
+        return plot_loss_curve(self.path, self.run_dir / "loss_curve.png") if loss_curve else None
 
 
 def read_metrics(path: Path) -> list[dict]:
