@@ -24,10 +24,38 @@ def run_ranks(nproc: int, script: str, *args: str, timeout: float = 240) -> None
         f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
 
 
-def test_tp2_matches_tp1(tmp_path):
-    out = tmp_path / "tp.json"
-    run_ranks(2, "tp_parity.py", str(out))
-    report = json.loads(out.read_text())
+# The scripts of a world size run one after another on the same ranks (tests/dist/in_sequence.py): one start for
+# all of them; a test that runs alone starts only its own.
+PIPES = {"pp2": (1, 2, 1, False), "tp2xpp2+universal": (2, 2, 1, True), "pp2xdp2": (1, 2, 2, False)}
+
+
+def _pipe_args(name: str, folder: Path) -> list[str]:
+    tp, pp, _, universal = PIPES[name]
+    return ["pipe_parity", str(tp), str(pp), str(folder / f"pipe-{name}.json"), *(["universal"] if universal else [])]
+
+
+@pytest.fixture(scope="module")
+def reports(request, tmp_path_factory) -> Path:
+    """The JSON reports of the scripts the selected tests of this module need, in one folder."""
+    folder = tmp_path_factory.mktemp("parity")
+    wanted = {item.callspec.params.get("name", item.originalname) if hasattr(item, "callspec") else item.originalname
+              for item in request.session.items if item.module is request.module}
+    by_world: dict[int, list[str]] = {}
+    if "test_tp2_matches_tp1" in wanted:
+        by_world.setdefault(2, []).append(["tp_parity", str(folder / "tp.json")])
+    if "test_chunked_head_loss_matches_logits_path_tp1_tp2" in wanted:
+        by_world.setdefault(2, []).append(["loss_parity", str(folder / "loss.json")])
+    for name, (tp, pp, dp, _) in PIPES.items():
+        if name in wanted:
+            by_world.setdefault(tp * pp * dp, []).append(_pipe_args(name, folder))
+    for world, scripts in sorted(by_world.items()):
+        run_ranks(world, "in_sequence.py", *[a for i, s in enumerate(scripts) for a in (["--"] if i else []) + s],
+                  timeout=240 * len(scripts))
+    return folder
+
+
+def test_tp2_matches_tp1(reports):
+    report = json.loads((reports / "tp.json").read_text())
     assert report["ok"]
     assert report["local_vocab"] == 128  # each rank really holds half the vocabulary
     assert report["logits_max_diff"] < 1e-5
@@ -39,15 +67,13 @@ def test_tp2_matches_tp1(tmp_path):
     assert report["step_max_diff"] < 1e-6 < report["step_max_update"]
 
 
-@pytest.mark.parametrize("tp,pp,dp,universal", [(1, 2, 1, False), (2, 2, 1, True), (1, 2, 2, False)],
-                         ids=["pp2", "tp2xpp2+universal", "pp2xdp2"])
-def test_pipeline_matches_plain_model(tmp_path, tp, pp, dp, universal):
-    out = tmp_path / "pipe.json"
+@pytest.mark.parametrize("name", list(PIPES))
+def test_pipeline_matches_plain_model(reports, name):
+    tp, pp, dp, universal = PIPES[name]
     world = tp * pp * dp
-    run_ranks(world, "pipe_parity.py", str(tp), str(pp), str(out), *(["universal"] if universal else []))
-    reports = json.loads(out.read_text())
-    assert len(reports) == world and all(r["ok"] for r in reports)
-    for r in reports:
+    ranks = json.loads((reports / f"pipe-{name}.json").read_text())
+    assert len(ranks) == world and all(r["ok"] for r in ranks)
+    for r in ranks:
         # Rank order: TP fastest, then DP, then PP (megatron-core default = DeepSpeed's pipe/data/model).
         assert r["coords"] == [r["rank"] // (tp * dp), (r["rank"] // tp) % dp, r["rank"] % tp]
         # 4 blocks + 2 embeddings over 2 stages: layers 0-4 | 5-9 (type:transformer|embedding).
@@ -56,7 +82,7 @@ def test_pipeline_matches_plain_model(tmp_path, tp, pp, dp, universal):
         assert r["losses"][0] != r["losses"][1]  # the optimizer step changed the model
         assert all(r["mpu"].values()), r["mpu"]
     # Layer files with the model axis, bigscience indices and keys, no _extra_state.
-    layer_files = reports[0]["layer_files"]
+    layer_files = ranks[0]["layer_files"]
     expected = {f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in (1, 3, 4, 5, 6, 8) for t in range(tp)}
     assert set(layer_files) == expected
     assert layer_files["layer_01-model_00-model_states.pt"] == [
@@ -68,17 +94,15 @@ def test_pipeline_matches_plain_model(tmp_path, tp, pp, dp, universal):
         # DeepSpeed's ds_to_universal (strict: every pattern used) merged TP2xPP2 ZeRO-1 shards exactly as
         # hf_names.merge_tp does, stripped the vocabulary padding, and took the tied embedding's layer norm
         # from stage 0 (the last stage's copy is stale: PIPELINE_REPLICATED_PARAMETER_PATTERNS).
-        assert reports[0]["universal"]["stale_norm_differs"]
-        assert reports[0]["universal"]["max_diff"] == 0.0, reports[0]["universal"]
+        assert ranks[0]["universal"]["stale_norm_differs"]
+        assert ranks[0]["universal"]["max_diff"] == 0.0, ranks[0]["universal"]
 
 
-def test_chunked_head_loss_matches_logits_path_tp1_tp2(tmp_path):
+def test_chunked_head_loss_matches_logits_path_tp1_tp2(reports):
     """The training loss (LM head inside the loss, logits only at target positions, chunked) equals the
     full-logits path in loss and every parameter's gradient at TP=1 and TP=2, fp32 and bf16, with and without
     --norm-target-loss; the pipeline engine's last stage then keeps hidden states, not logits."""
-    out = tmp_path / "loss.json"
-    run_ranks(2, "loss_parity.py", str(out))
-    report = json.loads(out.read_text())
+    report = json.loads((reports / "loss.json").read_text())
     assert report["ok"], report
     cases = {(c["tp"], c["dtype"], c["norm"]): c for c in report["cases"]}
     assert len(cases) == 8
