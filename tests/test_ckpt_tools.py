@@ -290,9 +290,10 @@ def test_to_universal_supplies_bloom_patterns_for_2022_checkpoints(trained, env,
 def test_large_reshape_renders_a_cluster_job(trained, env, tmp_path):
     job = tmp_path / "reshape.sbatch"
     out = tmp_path / "out"
-    proc = mtf("ckpt", "reshape", str(trained["tp2"]), "--tp", "1", "--pp", "1", "-o", str(out), "--job", str(job),
-               "--recipe", TINY, env=env, timeout=120)
+    proc, imported = mtf_imports("ckpt", "reshape", str(trained["tp2"]), "--tp", "1", "--pp", "1", "-o", str(out),
+                                 "--job", str(job), "--recipe", TINY, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert imported == []  # rendering the job reads the checkpoint's structure, not its tensors
     text = job.read_text()
     assert "#SBATCH --nodes=1" in text and "#SBATCH --time=00:30:00" in text
     assert re.search(r"mtf_train\.cli ckpt reshape \S+ --tp 1 --pp 1 --dp 1 -o \S+ --method direct --here", text)

@@ -56,7 +56,7 @@ def reshape(folder, *, tp: int, pp: int, dp: int = 1, output, step: int | None =
             here: bool = False) -> dict:
     """Reshape DIR's step into `output`; returns what was done (the `--json` object)."""
     out = Path(output).resolve()
-    src, padded = check_request(folder, step, tp, pp, dp, out)
+    src, padded = check_request(folder, step, tp, pp, dp, out, torch_free=bool(job))  # a job reads no tensors here
     ck = src.ck
     shape_from = f"tp {ck.tp} x pp {ck.pp} x dp {ck.dp}"
     shape_to = f"tp {tp} x pp {pp} x dp {dp}"
