@@ -93,7 +93,8 @@ def wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float =
     raise AssertionError("timed out waiting for training steps")
 
 
-def finish(run: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+def finish(run: Path, proc: subprocess.Popen, timeout: float = 120, first: int = 2) -> str:
+    """The job's output, once it has ended with 0 and saved at step `first` or later, where it stopped."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -101,7 +102,7 @@ def finish(run: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
         raise
     assert proc.returncode == 0, out[-3000:]
     step = int(latest(run).removeprefix("global_step"))
-    assert 2 <= step < LONG and (run / "checkpoints" / f"global_step{step}").is_dir()
+    assert first <= step < LONG and (run / "checkpoints" / f"global_step{step}").is_dir()
     assert losses(run)[-1][0] == step  # it saved where it stopped
     assert not (run / "finished").exists()
     return out
@@ -147,9 +148,12 @@ def test_exit_paths_save_and_exit_zero(tmp_path, how):
 
 
 def test_exit_duration_saves_and_exits_zero(tmp_path):
-    run, proc = start_job(tmp_path, "training.exit_duration_in_mins=0.1")  # 6 s of steps after start-up
-    out = finish(run, proc, timeout=180)
-    assert "(exit duration) after saving" in out
+    """A duration shorter than the job's start-up: the job still trains one step (as Megatron checks after each
+    step), then saves it and exits; it never saves the step it started from and makes no progress."""
+    run, proc = start_job(tmp_path, "training.exit_duration_in_mins=0.0001")  # 6 ms
+    out = finish(run, proc, timeout=180, first=1)
+    assert "exiting at step 1 (exit duration) after saving" in out
+    assert latest(run) == "global_step1"
 
 
 def test_bf16_stops_saves_and_resumes_exactly_past_an_interrupted_save(tmp_path):

@@ -105,15 +105,17 @@ class ExitFlags:
         self.signal = signal.Signals(signum).name
 
     def reason(self, iteration: int, device: torch.device, stepped: bool) -> str | None:
-        """`stepped`: this process has just completed step `iteration` (the exit interval counts only then,
-        so that a job resumed at a multiple of it still trains)."""
+        """`stepped`: this process has just completed step `iteration`. The exit interval and the exit duration
+        count only then, as in Megatron (which checks both after each step): every job trains at least one
+        step, even one resumed at a multiple of the interval or whose start-up outlasted the duration (it would
+        otherwise save the step it loaded and exit, job after job)."""
         a = self.args
         local = 0
         if a.kill_switch_path and os.path.exists(a.kill_switch_path):
             local = 1
         elif self.signal:
             local = 2
-        elif a.exit_duration_in_mins and (time.time() - self.start) / 60 > a.exit_duration_in_mins:
+        elif a.exit_duration_in_mins and stepped and (time.time() - self.start) / 60 > a.exit_duration_in_mins:
             local = 3
         elif a.exit_interval and stepped and iteration % a.exit_interval == 0:
             local = 4
