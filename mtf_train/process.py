@@ -17,6 +17,17 @@ import threading
 from typing import NoReturn
 
 
+def one_write_per_line() -> None:
+    """Make each line of stdout and stderr one write. The ranks of a job share one log file, and with
+    PYTHONUNBUFFERED (the job script sets it) print() writes a line and its newline separately: another rank's
+    line can land between them, and the next line then no longer starts a line (a local run's terminal view,
+    which shows the trainer's lines by how they start, missed a "loaded ..." line that way)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # absent when a caller replaced the stream
+        if reconfigure is not None:
+            reconfigure(line_buffering=True, write_through=False)
+
+
 def exit_now(code: int | None) -> NoReturn:
     code = 0 if code is None else int(code)
     try:

@@ -3,6 +3,7 @@ import) and `process.exit_now` (entry points end without the interpreter's teard
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,3 +224,34 @@ def test_exit_watch_returns_exited_children_without_reaping_them(monkeypatch, pi
     finally:
         slow.kill()
         slow.wait()
+
+
+LINES = """
+import os
+import re
+from mtf_train.process import one_write_per_line
+def main(argv):
+    if argv == ["whole"]:
+        one_write_per_line()
+    for i in range(3000):
+        print(f"rank {os.environ['RANK']} line {i} " + "x" * 40)
+    return 0
+"""
+
+
+def test_ranks_sharing_a_log_write_whole_lines(tmp_path):
+    """The job script exports PYTHONUNBUFFERED, under which print() writes a line and its newline separately: ranks
+    sharing one log break each other's lines (thousands of 12000 here without it). The trainer's entry makes each
+    line one write, for stdout and stderr."""
+    (tmp_path / "lines.py").write_text(LINES)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with open(tmp_path / "log", "w") as log:
+        subprocess.run([sys.executable, "-m", "mtf_train.ranks", "--nproc_per_node", "4", "-m", "lines", "whole"],
+                       env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True)
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert len(lines) == 12000 and all(re.fullmatch(r"rank \d line \d+ x{40}", x) for x in lines)
+    code = ("import sys\nfrom mtf_train.train.__main__ import main\nmain(['--no-such-flag'])\n"
+            "print(sys.stdout.line_buffering, sys.stdout.write_through, sys.stderr.line_buffering, "
+            "sys.stderr.write_through)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert out.split() == ["True", "False", "True", "False"], out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from mtf_train.errors import UserError
+from mtf_train.process import one_write_per_line
 from mtf_train.train.args import parse_args
 
 # What mtf_train.ranks imports once before it forks the ranks: everything `run` needs, and torch._dynamo, which
@@ -13,6 +14,7 @@ PRELOAD = ("mtf_train.train.loop", "torch._dynamo")
 
 
 def main(argv: list[str] | None = None) -> int:
+    one_write_per_line()
     try:
         args = parse_args(argv)  # before torch, DeepSpeed and megatron are imported: a bad command fails at once
         from mtf_train.train.loop import run
