@@ -80,14 +80,14 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"{what}: not within {timeout:.0f}s")
 
 
-def wait_for_step(run: Path, step: int, timeout: float = 120) -> int:
+def wait_for_step(run: Path, step: int, timeout: float = 120, poll: float = 0.5) -> int:
     def reached():
         try:
             got = losses(run)
         except (OSError, ValueError, KeyError):
             return None
         return got[-1][0] if got and got[-1][0] >= step else None
-    return wait_until(reached, timeout, f"step {step} in {run}/metrics.jsonl")
+    return wait_until(reached, timeout, f"step {step} in {run}/metrics.jsonl", poll=poll)
 
 
 def events(run: Path) -> str:
@@ -288,7 +288,9 @@ def test_a_cancelled_submitit_run_resumes_with_one_command_and_requeues_at_the_p
     run, proc = submit(tmp_path / "runs", executor="submitit")
     (job1,) = info(run)["job_ids"]
     assert f"submitted job {job1} through submitit" in proc.stdout
-    wait_for_step(run, 3)
+    # At the first step: `mtf-train cancel` reaches the trainer 1-2 s later, and on a fast machine the 16 steps
+    # take ~3.5 s; from step 3 on, job 1 once finished before the cancel landed.
+    wait_for_step(run, 1, poll=0.1)
     assert f"cancelled job(s) {job1}" in mtf("cancel", str(run), check=True).stdout
     assert cluster.wait_job(job1, timeout=120) == "CANCELLED"
     s = status(run)
