@@ -87,10 +87,11 @@ class MTFPair:
     def targets(self):
         return open_indexed(doc_prefix(self.prefix, "targets"))
 
-    def check(self) -> int:
+    def check(self, documents: int | None = None) -> int:
         """Number of documents; raises DataError unless both halves agree and each .idx fits its .bin (read as
-        `pair_index` does), and megatron's reader, which the trainer uses, opens both and counts the same."""
-        n = len(pair_index(self.prefix))
+        `pair_index` does), and megatron's reader, which the trainer uses, opens both and counts the same.
+        `documents`: what `pair_index` gave a caller that has read it already (its files are not read again)."""
+        n = len(pair_index(self.prefix)) if documents is None else documents
         for kind, ds in (("inputs", self.inputs), ("targets", self.targets)):
             if len(ds) != n:
                 raise DataError(doc_prefix(self.prefix, kind) + ".idx", f"megatron reads {len(ds)} documents, "

@@ -91,8 +91,8 @@ def measure_jsonl_bytes(path: Path) -> int:
 
 
 def measure_tokens(prefix: str) -> int:
-    """Tokens of inputs and targets of an indexed MTF dataset, read from its two .idx files (numpy alone: a
-    mixture is written on a login node in a fraction of a second; `data check` also opens them as the trainer does)."""
+    """Tokens of inputs and targets of an indexed MTF dataset, read from its two .idx files with numpy (each
+    checked against its .bin): a mixture is written on a login node in a fraction of a second, without torch."""
     from mtf_train.data.indexed import pair_index
 
     return int(pair_index(prefix).sum())

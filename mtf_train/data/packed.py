@@ -82,7 +82,7 @@ class PackedMTFDataset:
         """megatron's reader of the inputs and targets, checked to count the documents the index holds."""
         if self._pair is None:
             pair = MTFPair(self.prefix)
-            pair.check()
+            pair.check(self.num_docs)
             self._pair = pair
         return self._pair
 
