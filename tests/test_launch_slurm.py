@@ -6,8 +6,11 @@ Every wait is bounded. The tiny recipe runs 2 nodes x 1 process (dp 2, gloo over
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -88,6 +91,38 @@ def wait_for_step(run: Path, step: int, timeout: float = 120, poll: float = 0.5)
             return None
         return got[-1][0] if got and got[-1][0] >= step else None
     return wait_until(reached, timeout, f"step {step} in {run}/metrics.jsonl", poll=poll)
+
+
+def trainer_pids(run: Path) -> list[int]:
+    """The run's trainer ranks on this machine (both nodes of the local cluster are here)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # not a process, or gone
+            continue
+        if "mtf_train.train" in argv and "torch.distributed.run" not in argv and str(run) in " ".join(argv):
+            pids.append(int(proc.name))
+    return pids
+
+
+@contextlib.contextmanager
+def stopped_at_a_step(run: Path, until: Path):
+    """Holds the run's trainer ranks still (SIGSTOP) while the block sends its signal, and until `until` (the kill
+    switch it causes) exists: the signal then lands at a known step on any machine, where a fast one would
+    otherwise train all STEPS steps before it arrives. This is a real stop, as a debugger's or an admin's; SLURM
+    continues a job's stopped processes itself before a cancel's TERM, and the block's end continues them."""
+    pids = trainer_pids(run)
+    assert len(pids) == 2, (pids, diagnose(run))
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+        wait_until(until.exists, 60, f"{until} after the signal\n{diagnose(run)}", poll=0.1)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def events(run: Path) -> str:
@@ -185,8 +220,9 @@ def test_chain_stops_on_the_pre_timeout_signal_and_a_stopped_run_resumes_with_on
     job1, job2 = info(run)["job_ids"]
     follow = follow_logs(run)
     try:
-        wait_for_step(run, 3)
-        cluster.run("scancel", "--batch", "--signal=USR1", job1)
+        wait_for_step(run, 3, poll=0.05)
+        with stopped_at_a_step(run, run / "kill-switch"):
+            cluster.run("scancel", "--batch", "--signal=USR1", job1)
         assert cluster.wait_job(job1, timeout=120) == "COMPLETED", diagnose(run)
         cluster.wait_state(job2, "RUNNING", timeout=60)
         s = status(run)
@@ -198,8 +234,9 @@ def test_chain_stops_on_the_pre_timeout_signal_and_a_stopped_run_resumes_with_on
         assert f"progress    step {stopped} of {STEPS} |" in text
         assert f"exiting at step {stopped} (kill switch) after saving" in mtf("logs", str(run), check=True).stdout
         # Job 2 resumed: stop it too, once it has trained a step.
-        wait_for_step(run, stopped + 1)
-        cluster.run("scancel", "--batch", "--signal=USR1", job2)
+        wait_for_step(run, stopped + 1, poll=0.05)
+        with stopped_at_a_step(run, run / "kill-switch"):
+            cluster.run("scancel", "--batch", "--signal=USR1", job2)
         assert cluster.wait_job(job2, timeout=120) == "COMPLETED", diagnose(run)
         out = followed(follow, timeout=60)  # `logs -f` ends by itself once the chain has ended
     finally:
@@ -288,10 +325,9 @@ def test_a_cancelled_submitit_run_resumes_with_one_command_and_requeues_at_the_p
     run, proc = submit(tmp_path / "runs", executor="submitit")
     (job1,) = info(run)["job_ids"]
     assert f"submitted job {job1} through submitit" in proc.stdout
-    # At the first step: `mtf-train cancel` reaches the trainer 1-2 s later, and on a fast machine the 16 steps
-    # take ~3.5 s; from step 3 on, job 1 once finished before the cancel landed.
-    wait_for_step(run, 1, poll=0.1)
-    assert f"cancelled job(s) {job1}" in mtf("cancel", str(run), check=True).stdout
+    wait_for_step(run, 1, poll=0.05)
+    with stopped_at_a_step(run, run / "kill-switch"):  # SLURM continues them, with the TERM
+        assert f"cancelled job(s) {job1}" in mtf("cancel", str(run), check=True).stdout
     assert cluster.wait_job(job1, timeout=120) == "CANCELLED"
     s = status(run)
     assert s["state"] == "cancelled" and s["resume"] == f"mtf-train resume {run}", s
@@ -302,8 +338,9 @@ def test_a_cancelled_submitit_run_resumes_with_one_command_and_requeues_at_the_p
     job = ids[1]
     wait_until(lambda: f"job={job} resume from" in events(run), 120, f"job {job} to start\n{diagnose(run)}")
     ran = max(i for i, _ in losses(run))  # job 1's last step; its save may be earlier
-    wait_for_step(run, ran + 1)           # job 2 trains on past it
-    cluster.run("scancel", "--signal=USR2", job)  # what submitit's --signal=USR2@margin does
+    wait_for_step(run, ran + 1, poll=0.05)  # job 2 trains on past it
+    with stopped_at_a_step(run, run / "kill-switch"):
+        cluster.run("scancel", "--signal=USR2", job)  # what submitit's --signal=USR2@margin does
     wait_until(lambda: (run / "finished").exists(), 240, f"submitit run {run} to finish\n{diagnose(run)}")
     assert cluster.wait_job(job, timeout=60) == "COMPLETED", diagnose(run)
     log = events(run)
