@@ -2,7 +2,8 @@
 both nodes through the rendered job script, chains that stop and resume exactly, submitit's requeue, status,
 logs, cancel, a failed sbatch, the failure cap, and preflight.
 
-Every wait is bounded. The tiny recipe runs 2 nodes x 1 process (dp 2, gloo over loopback).
+Every wait is bounded. The tiny recipe runs 2 nodes x 1 process (dp 2, gloo over loopback); its 16 steps take a
+few seconds, so a cancel or signal is sent while the trainer ranks are held stopped (`stopped_at_a_step`).
 """
 from __future__ import annotations
 
